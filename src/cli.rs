@@ -1,0 +1,207 @@
+//! clap definitions only: the command line of contract section 4.
+//!
+//! Every connection and identity flag also reads its `REGISTRAR_*` variable,
+//! so a flag beats the environment. The config file and the etcdctl variables
+//! (`ETCDCTL_ENDPOINTS`, ...) are merged below both in [`crate::config`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Keeps this host's entry in an etcd v3 infrastructure registry alive and correct.
+///
+/// One lease per host; every key of the host (ip, health, services, meta,
+/// owner) is written in one transaction and attached to that lease. The agent
+/// keeps the lease alive, re-registers when it is lost, and revokes it on
+/// shutdown so the keys vanish at once.
+#[derive(Debug, Parser)]
+#[command(name = "registrar", version, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Register this host and keep it registered until stopped (the systemd unit runs this).
+    ///
+    /// An unreachable etcd is retried forever with jittered backoff; SIGTERM or
+    /// SIGINT revokes the lease, so the host's keys are gone before the process exits.
+    Agent(AgentArgs),
+    /// One-shot: grant a lease, write this host's keys, exit 0 (for cloud-init).
+    ///
+    /// The keys expire after --ttl unless --keep-alive is given, in which case
+    /// this stays in the foreground and behaves like `agent` without checks.
+    /// Exits 3 when the host name is held by another live machine.
+    Register(RegisterArgs),
+    /// Revoke this host's lease so that all of its keys disappear at once.
+    ///
+    /// Exits 0 also when nothing was registered. Refuses (exit 3) to remove a
+    /// registration owned by another machine id.
+    Deregister(OneShotArgs),
+    /// Validate the configuration and print the effective values (without secrets).
+    ///
+    /// Every problem is reported at once, with the file, line and column where
+    /// it is known. Exits 78 when the configuration is invalid.
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    #[command(flatten)]
+    pub one_shot: OneShotArgs,
+    /// Stay in the foreground and keep the lease alive (an agent without checks).
+    #[arg(long, env = "REGISTRAR_KEEP_ALIVE")]
+    pub keep_alive: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct OneShotArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Give up after this long when etcd cannot be reached, and exit 69.
+    #[arg(long, env = "REGISTRAR_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Output format of the logs (always on stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Flags shared by every command that talks to etcd or describes this host.
+#[derive(Debug, Args, Default, Clone)]
+pub struct Common {
+    /// YAML config file (see README "Configuration"). Flags and environment override it.
+    #[arg(long, env = "REGISTRAR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// etcd endpoints, comma separated [default: http://127.0.0.1:2379; also ETCDCTL_ENDPOINTS].
+    #[arg(
+        long,
+        env = "REGISTRAR_ENDPOINTS",
+        value_delimiter = ',',
+        value_name = "URLS"
+    )]
+    pub endpoints: Vec<String>,
+
+    /// Registry prefix [default: /infrastructure].
+    #[arg(long, env = "REGISTRAR_PREFIX")]
+    pub prefix: Option<String>,
+
+    /// Datacenter segment of the keys, e.g. `dc1`.
+    #[arg(long, env = "REGISTRAR_DC")]
+    pub dc: Option<String>,
+
+    /// Role of this host; repeat (or comma-separate) for several roles under one lease.
+    #[arg(
+        long = "role",
+        env = "REGISTRAR_ROLE",
+        value_delimiter = ',',
+        value_name = "ROLE"
+    )]
+    pub roles: Vec<String>,
+
+    /// Host name segment [default: the short hostname].
+    #[arg(long, env = "REGISTRAR_HOST")]
+    pub host: Option<String>,
+
+    /// Address to publish, instead of detecting one.
+    #[arg(long, env = "REGISTRAR_IP")]
+    pub ip: Option<String>,
+
+    /// Publish the first address of this network interface.
+    #[arg(long, env = "REGISTRAR_INTERFACE", value_name = "NAME")]
+    pub interface: Option<String>,
+
+    /// Publish the first local address inside this network, e.g. 10.0.0.0/8.
+    #[arg(long, env = "REGISTRAR_CIDR")]
+    pub cidr: Option<String>,
+
+    /// Detect an IPv6 address instead of IPv4 (for --interface and the default route).
+    #[arg(long, env = "REGISTRAR_IPV6")]
+    pub ipv6: bool,
+
+    /// Accept a loopback or unspecified address (tests and demos only).
+    #[arg(long, env = "REGISTRAR_ALLOW_LOOPBACK")]
+    pub allow_loopback: bool,
+
+    /// Lease TTL, e.g. 30s [default: 30s]. etcd may raise it to its minimum.
+    #[arg(long, env = "REGISTRAR_TTL", value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+
+    /// Machine id that proves ownership of the host name [default: /etc/machine-id].
+    #[arg(long, env = "REGISTRAR_MACHINE_ID", value_name = "ID")]
+    pub machine_id: Option<String>,
+
+    /// CA bundle to verify etcd's certificate [also ETCDCTL_CACERT].
+    #[arg(long, env = "REGISTRAR_CACERT", value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
+
+    /// Client certificate for etcd [also ETCDCTL_CERT].
+    #[arg(long, env = "REGISTRAR_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// Client key for etcd [also ETCDCTL_KEY].
+    #[arg(long, env = "REGISTRAR_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+
+    /// etcd user as `name:password`, or `name` with --password-file [also ETCDCTL_USER].
+    #[arg(long, env = "REGISTRAR_USER", value_name = "NAME[:PASSWORD]")]
+    pub user: Option<String>,
+
+    /// File whose first line is the etcd password for --user.
+    #[arg(long, env = "REGISTRAR_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+
+    /// Directory for persistent state (a generated machine id) [default: /var/lib/registrar].
+    #[arg(long, env = "REGISTRAR_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Log format on stderr [default: text].
+    #[arg(long, env = "REGISTRAR_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    /// A service port to publish, as NAME=PORT; repeatable.
+    #[arg(
+        long = "service",
+        env = "REGISTRAR_SERVICES",
+        value_delimiter = ',',
+        value_name = "NAME=PORT"
+    )]
+    pub services: Vec<String>,
+
+    /// A meta key to publish, as KEY=VALUE; repeatable.
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    pub meta: Vec<String>,
+
+    /// Timeout of each etcd request [default: 5s].
+    #[arg(long, env = "REGISTRAR_REQUEST_TIMEOUT", value_parser = parse_duration)]
+    pub request_timeout: Option<Duration>,
+
+    /// Timeout of each TCP/TLS connect to etcd [default: 3s].
+    #[arg(long, env = "REGISTRAR_CONNECT_TIMEOUT", value_parser = parse_duration)]
+    pub connect_timeout: Option<Duration>,
+}
+
+/// Parses a humantime duration (`30s`, `1m30s`, `500ms`) for clap.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write it like 30s, 1m or 500ms"))
+}

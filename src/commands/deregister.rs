@@ -1,0 +1,36 @@
+//! `registrar deregister`: revoke this host's lease so that all its keys
+//! vanish at once. Exits 0 also when nothing was registered.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Failure, exit, prepare, register_failure};
+use crate::config::Config;
+use crate::etcd::retry_until;
+use crate::registration::{self, Deregistered};
+
+pub async fn run(
+    config: &Config,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<(), Failure> {
+    let p = prepare(config)?;
+    let deadline = Instant::now() + timeout;
+    let outcome = tokio::select! {
+        r = retry_until(deadline, || registration::deregister(&p.etcd, &p.desired)) => {
+            r.map_err(|e| register_failure(e, &p.etcd))?
+        }
+        _ = cancel.cancelled() => {
+            return Err(Failure::new(exit::RUNTIME, anyhow::anyhow!("interrupted before deregistration finished")));
+        }
+    };
+    match outcome {
+        Deregistered::Removed => tracing::info!(host = p.desired.host(), "deregistered"),
+        Deregistered::NothingRegistered => {
+            tracing::info!(host = p.desired.host(), "nothing was registered")
+        }
+    }
+    Ok(())
+}

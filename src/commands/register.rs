@@ -1,0 +1,55 @@
+//! `registrar register`: one-shot registration for cloud-init. The lease is
+//! left to expire after the TTL; nothing keeps it alive.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Failure, exit, prepare, register_failure};
+use crate::config::Config;
+use crate::etcd::retry_until;
+use crate::registration::{self, RegisterError};
+
+pub async fn run(
+    config: &Config,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<(), Failure> {
+    let p = prepare(config)?;
+    let deadline = Instant::now() + timeout;
+    let work = async {
+        let lease = retry_until(deadline, || registration::grant(&p.etcd, config.ttl))
+            .await
+            .map_err(RegisterError::Etcd)?;
+        let written = retry_until(deadline, || async {
+            registration::write(&p.etcd, &p.desired, lease.id).await
+        })
+        .await;
+        match written {
+            Ok(revision) => Ok((lease, revision)),
+            Err(e) => {
+                // Leave no unused lease behind.
+                if let Err(revoke) = registration::revoke(&p.etcd, lease.id).await {
+                    tracing::debug!(error = %revoke, "could not revoke the unused lease");
+                }
+                Err(e)
+            }
+        }
+    };
+    let (lease, revision) = tokio::select! {
+        r = work => r.map_err(|e| register_failure(e, &p.etcd))?,
+        _ = cancel.cancelled() => {
+            return Err(Failure::new(exit::RUNTIME, anyhow::anyhow!("interrupted before registration finished")));
+        }
+    };
+    tracing::info!(
+        host = p.desired.host(),
+        lease = format_args!("{:x}", lease.id),
+        ttl = %humantime::format_duration(lease.ttl),
+        revision,
+        keys = p.desired.kvs.len(),
+        "registered; the keys expire with the lease unless it is kept alive"
+    );
+    Ok(())
+}

@@ -1,0 +1,347 @@
+//! Connecting to etcd and surviving its faults: one client per endpoint,
+//! explicit fail-over, per-request timeouts, and the one error classifier.
+//!
+//! etcd-client balances over its endpoints at random and never fails over: a
+//! call to a dead endpoint fails, and one to a hung (e.g. SIGSTOPped) member
+//! hangs. So registrar keeps one client per endpoint, tries them in turn from
+//! the last one that worked, bounds every call with a timeout, and drops a
+//! client whose connection failed so the next use reconnects.
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use tokio::time::{Instant, timeout};
+
+use crate::backoff::Backoff;
+use crate::config::EtcdConfig;
+
+/// HTTP/2 keep-alive ping interval; etcd's default enforcement minimum is 5 s.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What to do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Transient: another endpoint or a later attempt may succeed.
+    Retry,
+    /// The lease no longer exists: grant a new one and re-register.
+    LeaseGone,
+    /// Authentication or permission denied: retrying will not help (exit 77).
+    Auth,
+    /// A bug or a bad request: retrying will not help (exit 1).
+    Fatal,
+}
+
+/// An etcd failure, with the endpoint it happened on.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("{endpoint}: {what}: {source}")]
+    Call {
+        endpoint: String,
+        what: &'static str,
+        class: Class,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("{endpoint}: {what}: no answer within {}", humantime::format_duration(*.after))]
+    Timeout {
+        endpoint: String,
+        what: &'static str,
+        after: Duration,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+impl EtcdError {
+    pub fn class(&self) -> Class {
+        match self {
+            EtcdError::Call { class, .. } => *class,
+            EtcdError::Timeout { .. } => Class::Retry,
+            EtcdError::Tls(_) => Class::Auth,
+        }
+    }
+}
+
+/// The text of an error and all its sources, for classification.
+fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text
+}
+
+/// Sorts an etcd-client error into retry / lease-gone / auth / fatal.
+pub fn classify(e: &etcd_client::Error) -> Class {
+    use etcd_client::Error as E;
+    use tonic::Code;
+    match e {
+        E::GRpcStatus(status) => {
+            let msg = status.message();
+            match status.code() {
+                _ if msg.contains("requested lease not found") => Class::LeaseGone,
+                Code::Unauthenticated if msg.contains("invalid auth token") => Class::Retry,
+                Code::Unauthenticated | Code::PermissionDenied => Class::Auth,
+                Code::InvalidArgument
+                | Code::FailedPrecondition
+                | Code::Unimplemented
+                | Code::OutOfRange
+                | Code::AlreadyExists => Class::Fatal,
+                // Unavailable (no leader, leader changed, connection refused),
+                // DeadlineExceeded, Unknown, Internal, Aborted, Cancelled, ...
+                _ if is_tls_failure(&chain_text(status)) => Class::Auth,
+                _ => Class::Retry,
+            }
+        }
+        E::LeaseKeepAliveError(msg) if msg.contains("lease not found") => Class::LeaseGone,
+        E::TransportError(t) if is_tls_failure(&chain_text(t)) => Class::Auth,
+        E::InvalidArgs(_) | E::InvalidUri(_) | E::InvalidMetadataValue(_) | E::Utf8Error(_) => {
+            Class::Fatal
+        }
+        _ => Class::Retry,
+    }
+}
+
+fn is_tls_failure(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    ["certificate", "handshake", "unknownissuer", "tls", "x509"]
+        .iter()
+        .any(|w| t.contains(w))
+}
+
+/// The connection to the etcd cluster.
+pub struct Etcd {
+    endpoints: Vec<String>,
+    clients: Mutex<Vec<Option<Client>>>,
+    preferred: AtomicUsize,
+    options: ConnectOptions,
+    request_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+impl Etcd {
+    /// Prepares clients for every endpoint. Nothing is connected yet.
+    pub fn new(config: &EtcdConfig) -> Result<Etcd, EtcdError> {
+        let mut options = ConnectOptions::new()
+            .with_timeout(config.request_timeout)
+            .with_connect_timeout(config.connect_timeout)
+            .with_keep_alive(PING_INTERVAL, PING_TIMEOUT)
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        if let Some(user) = &config.user {
+            options = options
+                .with_user(user.name.clone(), user.password.clone())
+                .with_auto_token_refresh(true);
+        }
+        if let Some(tls) = &config.tls {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p)
+                    .map_err(|e| EtcdError::Tls(format!("cannot read {}: {e}", p.display())))
+            };
+            let mut t = TlsOptions::new();
+            if let Some(ca) = &tls.cacert {
+                t = t.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+                t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(t);
+        }
+        Ok(Etcd {
+            clients: Mutex::new(vec![None; config.endpoints.len()]),
+            endpoints: config.endpoints.clone(),
+            preferred: AtomicUsize::new(0),
+            options,
+            request_timeout: config.request_timeout,
+            connect_timeout: config.connect_timeout,
+        })
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// The endpoint that answered last.
+    pub fn preferred(&self) -> usize {
+        self.preferred.load(Ordering::Relaxed) % self.endpoints.len().max(1)
+    }
+
+    /// Remembers the endpoint that just answered.
+    pub fn set_preferred(&self, idx: usize) {
+        self.preferred.store(idx, Ordering::Relaxed);
+    }
+
+    /// The endpoint after `idx`, round robin.
+    pub fn next(&self, idx: usize) -> usize {
+        (idx + 1) % self.endpoints.len().max(1)
+    }
+
+    pub fn endpoint(&self, idx: usize) -> &str {
+        self.endpoints.get(idx).map(String::as_str).unwrap_or("?")
+    }
+
+    /// Drops the cached client of an endpoint whose connection failed or
+    /// hung, so the next use opens a fresh connection.
+    pub fn forget(&self, idx: usize) {
+        if let Ok(mut clients) = self.clients.lock()
+            && let Some(slot) = clients.get_mut(idx)
+        {
+            *slot = None;
+        }
+    }
+
+    /// The client for one endpoint, connecting (and authenticating) on first use.
+    pub async fn client_at(&self, idx: usize) -> Result<Client, EtcdError> {
+        let cached = self
+            .clients
+            .lock()
+            .ok()
+            .and_then(|c| c.get(idx).cloned().flatten());
+        if let Some(c) = cached {
+            return Ok(c);
+        }
+        let endpoint = self.endpoint(idx).to_string();
+        let budget = self.connect_timeout + self.request_timeout;
+        let connect = Client::connect([endpoint.clone()], Some(self.options.clone()));
+        let client = match timeout(budget, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(source)) => {
+                return Err(EtcdError::Call {
+                    class: classify(&source),
+                    endpoint,
+                    what: "connect",
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(EtcdError::Timeout {
+                    endpoint,
+                    what: "connect",
+                    after: budget,
+                });
+            }
+        };
+        if let Ok(mut clients) = self.clients.lock()
+            && let Some(slot) = clients.get_mut(idx)
+        {
+            *slot = Some(client.clone());
+        }
+        Ok(client)
+    }
+
+    /// Runs one unary call, trying each endpoint once starting with the
+    /// preferred one. Returns the first success, the first non-retryable
+    /// error, or the last error when every endpoint failed.
+    pub async fn call<T, F, Fut>(&self, what: &'static str, mut op: F) -> Result<T, EtcdError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let start = self.preferred();
+        let mut last = None;
+        for i in 0..self.endpoints.len() {
+            let idx = (start + i) % self.endpoints.len();
+            let endpoint = self.endpoint(idx).to_string();
+            let client = match self.client_at(idx).await {
+                Ok(c) => c,
+                Err(e) if e.class() == Class::Retry => {
+                    tracing::debug!(%endpoint, error = %e, "etcd endpoint unusable, trying the next");
+                    last = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match timeout(self.request_timeout, op(client)).await {
+                Ok(Ok(v)) => {
+                    self.set_preferred(idx);
+                    return Ok(v);
+                }
+                Ok(Err(source)) => {
+                    let class = classify(&source);
+                    let e = EtcdError::Call {
+                        endpoint,
+                        what,
+                        class,
+                        source,
+                    };
+                    if class != Class::Retry {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, "etcd call failed, trying the next endpoint");
+                    self.forget(idx);
+                    last = Some(e);
+                }
+                Err(_) => {
+                    self.forget(idx);
+                    let e = EtcdError::Timeout {
+                        endpoint,
+                        what,
+                        after: self.request_timeout,
+                    };
+                    tracing::debug!(error = %e, "etcd call timed out, trying the next endpoint");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or(EtcdError::Timeout {
+            endpoint: "(no endpoints)".into(),
+            what,
+            after: Duration::ZERO,
+        }))
+    }
+}
+
+/// Errors that a later attempt may not see.
+pub trait Transient: std::fmt::Display {
+    fn is_transient(&self) -> bool;
+}
+
+impl Transient for EtcdError {
+    fn is_transient(&self) -> bool {
+        self.class() == Class::Retry
+    }
+}
+
+/// Retries `op` on transient errors with the standard backoff until
+/// `deadline`, for the one-shot commands.
+pub async fn retry_until<T, E, F, Fut>(deadline: Instant, mut op: F) -> Result<T, E>
+where
+    E: Transient,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::standard();
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_transient() => {
+                let delay = backoff.next_delay();
+                if Instant::now() + delay >= deadline {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, retry_in = ?delay, "etcd unavailable, retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

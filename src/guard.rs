@@ -1,0 +1,140 @@
+//! Watching our own keys, so that damage done from outside is repaired at
+//! once instead of at the next keep-alive (or never).
+//!
+//! A lease revoked from outside shows up here as DELETE events within one
+//! round trip, where the keep-alive loop would only notice at its next tick
+//! (up to TTL/3 later). Keys deleted by hand (`etcdctl del --prefix`) while the
+//! lease lives would never be noticed by keep-alives at all. The watch costs
+//! one idle stream and no raft writes.
+
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchOptions, WatchStream};
+use tokio::time::{sleep, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::etcd::{Etcd, EtcdError, classify};
+use crate::registration::Desired;
+
+/// Why watching stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEnd {
+    Cancelled,
+    /// One of our keys was deleted or overwritten; the text says which.
+    Damaged(String),
+    /// The history we asked for was compacted: state must be re-verified.
+    Compacted,
+}
+
+/// Watches every directory of `desired` from `after_revision + 1` and
+/// returns on the first event that removes or replaces one of our keys.
+pub async fn watch(
+    etcd: &Etcd,
+    desired: &Desired,
+    lease: i64,
+    after_revision: i64,
+    cancel: &CancellationToken,
+) -> WatchEnd {
+    let mut idx = etcd.preferred();
+    let mut backoff = Backoff::standard();
+    loop {
+        let opened = tokio::select! {
+            _ = cancel.cancelled() => return WatchEnd::Cancelled,
+            r = open(etcd, idx, desired, after_revision + 1) => r,
+        };
+        match opened {
+            Ok(mut stream) => {
+                backoff.reset();
+                loop {
+                    let msg = tokio::select! {
+                        _ = cancel.cancelled() => return WatchEnd::Cancelled,
+                        m = stream.message() => m,
+                    };
+                    let resp = match msg {
+                        Ok(Some(resp)) => resp,
+                        Ok(None) => {
+                            tracing::debug!("watch stream closed by etcd; reopening");
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "watch stream failed; reopening");
+                            break;
+                        }
+                    };
+                    if resp.compact_revision() > 0 {
+                        return WatchEnd::Compacted;
+                    }
+                    if resp.canceled() {
+                        tracing::debug!(
+                            reason = resp.cancel_reason(),
+                            "watch canceled by etcd; reopening"
+                        );
+                        break;
+                    }
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let key = String::from_utf8_lossy(kv.key());
+                        if !desired.kvs.contains_key(key.as_ref()) {
+                            continue;
+                        }
+                        match ev.event_type() {
+                            EventType::Delete => {
+                                return WatchEnd::Damaged(format!("{key} was deleted"));
+                            }
+                            EventType::Put if kv.lease() != lease => {
+                                return WatchEnd::Damaged(format!(
+                                    "{key} was overwritten outside this agent (lease {:x})",
+                                    kv.lease()
+                                ));
+                            }
+                            EventType::Put => {}
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot open the watch on this host's keys"),
+        }
+        etcd.forget(idx);
+        idx = etcd.next(idx);
+        tokio::select! {
+            _ = cancel.cancelled() => return WatchEnd::Cancelled,
+            _ = sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+async fn open(
+    etcd: &Etcd,
+    idx: usize,
+    desired: &Desired,
+    from: i64,
+) -> Result<WatchStream, EtcdError> {
+    let endpoint = etcd.endpoint(idx).to_string();
+    let mut client = etcd.client_at(idx).await?;
+    let within = etcd.request_timeout().max(Duration::from_secs(1));
+    let opts = || Some(WatchOptions::new().with_prefix().with_start_revision(from));
+    let mut dirs = desired.dirs.iter().map(|d| d.dir());
+    let first = dirs.next().unwrap_or_default();
+    let call = async {
+        let mut stream = client.watch(first, opts()).await?;
+        for dir in dirs {
+            stream.watch(dir, opts()).await?;
+        }
+        Ok::<_, etcd_client::Error>(stream)
+    };
+    match timeout(within, call).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(source)) => Err(EtcdError::Call {
+            endpoint,
+            what: "watch",
+            class: classify(&source),
+            source,
+        }),
+        Err(_) => Err(EtcdError::Timeout {
+            endpoint,
+            what: "watch",
+            after: within,
+        }),
+    }
+}

@@ -1,0 +1,213 @@
+//! Keeping one lease alive, and noticing when it is lost (contract rule 3).
+//!
+//! Three traps shape this loop, each verified against etcd 3.4:
+//! - etcd answers a keep-alive for a revoked or expired lease with TTL 0 on a
+//!   healthy stream, and etcd-client passes that through as `Ok`. So every
+//!   response's TTL is checked; `LeaseKeeper::keep_alive()` returning `Ok`
+//!   only means the request was queued.
+//! - A paused (SIGSTOPped) member keeps the TCP connection open and never
+//!   answers: the stream goes silent with no error. So every response has a
+//!   deadline of TTL/3, after which the stream is torn down and reopened on
+//!   the next endpoint.
+//! - etcd raises small TTLs to its minimum, so the period is TTL/3 of the
+//!   *granted* TTL.
+
+use std::time::Duration;
+
+use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::etcd::{Class, Etcd, EtcdError, classify};
+use crate::registration::{Lease, time_to_live};
+
+/// Why keeping the lease alive stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeepAliveEnd {
+    /// Shutdown was requested; the lease is still alive.
+    Cancelled,
+    /// The lease is gone; the reason says how we know.
+    Lost(String),
+}
+
+/// Observations of the keep-alive loop, for status reporting.
+pub trait Observer: Send {
+    /// A keep-alive succeeded; etcd says the lease has `ttl` left.
+    fn alive(&mut self, _ttl: Duration) {}
+    /// A whole TTL passed without a successful keep-alive.
+    fn unconfirmed(&mut self) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+enum StreamEnd {
+    Cancelled,
+    Lost,
+    Broken(String),
+}
+
+/// The keep-alive period for a granted TTL: a third of it.
+pub fn period(ttl: Duration) -> Duration {
+    (ttl / 3).max(Duration::from_millis(100))
+}
+
+/// Keeps `lease` alive until it is lost or `cancel` fires. `granted_at` is
+/// when the lease was granted (or last confirmed alive).
+pub async fn keep_alive(
+    etcd: &Etcd,
+    lease: Lease,
+    granted_at: Instant,
+    cancel: &CancellationToken,
+    observer: &mut dyn Observer,
+) -> KeepAliveEnd {
+    let period = period(lease.ttl);
+    let mut last_ok = granted_at;
+    let mut idx = etcd.preferred();
+    let mut backoff =
+        Backoff::new(Duration::from_millis(20), period).unwrap_or_else(|_| Backoff::standard());
+    let mut reported_unconfirmed = false;
+    loop {
+        let endpoint = etcd.endpoint(idx).to_string();
+        let opened = tokio::select! {
+            _ = cancel.cancelled() => return KeepAliveEnd::Cancelled,
+            r = open_stream(etcd, idx, lease.id, period) => r,
+        };
+        match opened {
+            Ok((mut keeper, mut stream)) => {
+                last_ok = Instant::now();
+                reported_unconfirmed = false;
+                etcd.set_preferred(idx);
+                backoff.reset();
+                observer.alive(lease.ttl);
+                tracing::debug!(%endpoint, lease = format_args!("{:x}", lease.id), "keep-alive stream open");
+                match run_stream(
+                    &mut keeper,
+                    &mut stream,
+                    period,
+                    cancel,
+                    &mut last_ok,
+                    observer,
+                )
+                .await
+                {
+                    StreamEnd::Cancelled => return KeepAliveEnd::Cancelled,
+                    StreamEnd::Lost => {
+                        return KeepAliveEnd::Lost(format!(
+                            "etcd ({endpoint}) answered a keep-alive with TTL 0: lease {:x} was revoked or has expired",
+                            lease.id
+                        ));
+                    }
+                    StreamEnd::Broken(why) => {
+                        tracing::warn!(%endpoint, "keep-alive stream {why}; reopening it on the next endpoint");
+                    }
+                }
+            }
+            Err(e) if e.class() == Class::LeaseGone => {
+                return KeepAliveEnd::Lost(format!(
+                    "etcd ({endpoint}) no longer knows lease {:x}: it was revoked or has expired",
+                    lease.id
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open a keep-alive stream; trying the next endpoint")
+            }
+        }
+        etcd.forget(idx);
+        idx = etcd.next(idx);
+        if last_ok.elapsed() >= lease.ttl {
+            // A whole TTL without a confirmed keep-alive: we must assume we are
+            // unregistered, and ask etcd whether the lease still exists (a
+            // leader change extends leases, so it may).
+            if !reported_unconfirmed {
+                observer.unconfirmed();
+                reported_unconfirmed = true;
+                tracing::warn!(
+                    lease = format_args!("{:x}", lease.id),
+                    "no keep-alive succeeded for a whole TTL; this host may be unregistered"
+                );
+            }
+            match time_to_live(etcd, lease.id).await {
+                Ok(None) => {
+                    return KeepAliveEnd::Lost(format!(
+                        "no keep-alive succeeded within the TTL and etcd no longer knows lease {:x}",
+                        lease.id
+                    ));
+                }
+                Ok(Some(_)) => {}
+                Err(e) => tracing::debug!(error = %e, "cannot check the lease's time to live"),
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return KeepAliveEnd::Cancelled,
+            _ = sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// Opens a keep-alive stream on one endpoint. etcd-client sends the first
+/// keep-alive and waits for its answer, so success means the lease is alive.
+async fn open_stream(
+    etcd: &Etcd,
+    idx: usize,
+    lease: i64,
+    within: Duration,
+) -> Result<(LeaseKeeper, LeaseKeepAliveStream), EtcdError> {
+    let endpoint = etcd.endpoint(idx).to_string();
+    let mut client = etcd.client_at(idx).await?;
+    match timeout(within, client.lease_keep_alive(lease)).await {
+        Ok(Ok(pair)) => Ok(pair),
+        Ok(Err(source)) => Err(EtcdError::Call {
+            endpoint,
+            what: "open keep-alive stream",
+            class: classify(&source),
+            source,
+        }),
+        Err(_) => Err(EtcdError::Timeout {
+            endpoint,
+            what: "open keep-alive stream",
+            after: within,
+        }),
+    }
+}
+
+async fn run_stream(
+    keeper: &mut LeaseKeeper,
+    stream: &mut LeaseKeepAliveStream,
+    period: Duration,
+    cancel: &CancellationToken,
+    last_ok: &mut Instant,
+    observer: &mut dyn Observer,
+) -> StreamEnd {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return StreamEnd::Cancelled,
+            _ = sleep_until(*last_ok + period) => {}
+        }
+        if let Err(e) = keeper.keep_alive().await {
+            return StreamEnd::Broken(format!("cannot send: {e}"));
+        }
+        let answer = tokio::select! {
+            _ = cancel.cancelled() => return StreamEnd::Cancelled,
+            r = timeout(period, stream.message()) => r,
+        };
+        match answer {
+            Ok(Ok(Some(resp))) if resp.ttl() <= 0 => return StreamEnd::Lost,
+            Ok(Ok(Some(resp))) => {
+                *last_ok = Instant::now();
+                observer.alive(Duration::from_secs(resp.ttl().unsigned_abs()));
+            }
+            Ok(Ok(None)) => return StreamEnd::Broken("was closed by etcd".into()),
+            Ok(Err(e)) if classify(&e) == Class::LeaseGone => return StreamEnd::Lost,
+            Ok(Err(e)) => return StreamEnd::Broken(format!("failed: {e}")),
+            Err(_) => {
+                return StreamEnd::Broken(format!(
+                    "was silent for {} (a paused or partitioned member)",
+                    humantime::format_duration(period)
+                ));
+            }
+        }
+    }
+}

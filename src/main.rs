@@ -1,0 +1,52 @@
+//! The registrar binary: parse, set up logging, dispatch, map errors to exit codes.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use registrar::cli::Cli;
+use registrar::commands::{self, exit};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: registrar::config::Env = std::env::vars().collect();
+    let config = match commands::load_config(&cli, &env) {
+        Ok(c) => c,
+        Err(f) => {
+            eprintln!("registrar: {f}");
+            return ExitCode::from(f.code);
+        }
+    };
+    commands::init_logging(config.log_format, &env);
+    // One thread is plenty for one host's agent and keeps it small.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("registrar: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::RUNTIME);
+        }
+    };
+    let cancel = CancellationToken::new();
+    let result = runtime.block_on(async {
+        let signals = tokio::spawn(commands::cancel_on_signals(cancel.clone()));
+        let result = commands::run(cli, config, cancel.clone()).await;
+        cancel.cancel();
+        match signals.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not listen for signals"),
+            Err(e) => tracing::warn!(error = %e, "signal task failed"),
+            Ok(Ok(())) => {}
+        }
+        result
+    });
+    match result {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(f) => {
+            eprintln!("registrar: {f}");
+            ExitCode::from(f.code)
+        }
+    }
+}

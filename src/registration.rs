@@ -1,0 +1,399 @@
+//! The conditional transactions of contract rules 1, 5 and 7: the first
+//! write, conflict detection, takeover of our own earlier incarnation, and
+//! deregistration.
+//!
+//! Invariant: nothing here ever writes a key unconditionally. A key is put
+//! only if it did not exist (`create_revision == 0`) or still has exactly the
+//! `mod_revision` we read and judged to be ours or stale. So a live
+//! registration of another machine is never overwritten, even when two
+//! agents race for the same host name.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+
+use crate::etcd::{Class, Etcd, EtcdError, Transient};
+use crate::identity::Identity;
+use crate::layout::{HostDir, Leaf};
+
+/// What this host wants the registry to say about it: every key of every
+/// role, with its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub dirs: Vec<HostDir>,
+    pub machine_id: String,
+    pub kvs: BTreeMap<String, String>,
+}
+
+/// The inputs of a host's registration besides its identity.
+#[derive(Debug, Clone)]
+pub struct Spec<'a> {
+    pub prefix: &'a str,
+    pub dc: &'a str,
+    pub roles: &'a [String],
+    pub services: &'a BTreeMap<String, u16>,
+    pub meta: &'a BTreeMap<String, String>,
+    pub health: &'a str,
+}
+
+impl Desired {
+    pub fn build(spec: &Spec<'_>, id: &Identity) -> Desired {
+        let mut kvs = BTreeMap::new();
+        let mut dirs = Vec::new();
+        for role in spec.roles {
+            let dir = HostDir {
+                prefix: spec.prefix.to_string(),
+                dc: spec.dc.to_string(),
+                role: role.clone(),
+                host: id.host.clone(),
+            };
+            kvs.insert(dir.key(&Leaf::Ip), id.ip.to_string());
+            kvs.insert(dir.key(&Leaf::Health), spec.health.to_string());
+            kvs.insert(dir.key(&Leaf::Owner), id.machine_id.clone());
+            for (name, port) in spec.services {
+                kvs.insert(dir.key(&Leaf::Service(name.clone())), port.to_string());
+            }
+            for (k, v) in spec.meta {
+                kvs.insert(dir.key(&Leaf::Meta(k.clone())), v.clone());
+            }
+            dirs.push(dir);
+        }
+        Desired {
+            dirs,
+            machine_id: id.machine_id.clone(),
+            kvs,
+        }
+    }
+
+    /// The host name, for messages.
+    pub fn host(&self) -> &str {
+        self.dirs.first().map(|d| d.host.as_str()).unwrap_or("?")
+    }
+}
+
+/// A granted lease. `ttl` is what etcd granted, which may be more than was
+/// asked for: etcd raises small TTLs to its minimum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub id: i64,
+    pub ttl: Duration,
+}
+
+/// Why a registration did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error(
+        "host {host:?} is registered by another machine (owner {owner:?}, lease {lease:x}); \
+         refusing to overwrite it. Give this host another --host, or stop the other one"
+    )]
+    Conflict {
+        host: String,
+        owner: String,
+        lease: i64,
+    },
+    #[error("the host's keys kept changing during registration; will retry")]
+    Contended,
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+}
+
+impl RegisterError {
+    pub fn class(&self) -> Class {
+        match self {
+            RegisterError::Conflict { .. } | RegisterError::Contended => Class::Retry,
+            RegisterError::Etcd(e) => e.class(),
+        }
+    }
+}
+
+impl Transient for RegisterError {
+    /// A conflict is not transient for one-shot commands: they exit 3.
+    fn is_transient(&self) -> bool {
+        match self {
+            RegisterError::Conflict { .. } => false,
+            RegisterError::Contended => true,
+            RegisterError::Etcd(e) => e.is_transient(),
+        }
+    }
+}
+
+/// One key as read back from etcd.
+#[derive(Debug, Clone)]
+struct Seen {
+    key: String,
+    value: String,
+    lease: i64,
+    mod_revision: i64,
+}
+
+/// Grants a lease of `ttl`.
+pub async fn grant(etcd: &Etcd, ttl: Duration) -> Result<Lease, EtcdError> {
+    let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+    let resp = etcd
+        .call("grant lease", |mut c| async move {
+            c.lease_grant(secs, None).await
+        })
+        .await?;
+    let granted = Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0));
+    if granted != ttl {
+        tracing::warn!(
+            requested = %humantime::format_duration(ttl),
+            granted = %humantime::format_duration(granted),
+            "etcd granted a different TTL than requested (it raises TTLs below its minimum); using the granted one"
+        );
+    }
+    Ok(Lease {
+        id: resp.id(),
+        ttl: granted,
+    })
+}
+
+/// Revokes a lease; a lease that is already gone counts as revoked.
+pub async fn revoke(etcd: &Etcd, lease: i64) -> Result<(), EtcdError> {
+    match etcd
+        .call("revoke lease", |mut c| async move {
+            c.lease_revoke(lease).await
+        })
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.class() == Class::LeaseGone => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Remaining TTL of a lease, or `None` when it no longer exists.
+pub async fn time_to_live(etcd: &Etcd, lease: i64) -> Result<Option<Duration>, EtcdError> {
+    match etcd
+        .call("lease time-to-live", |mut c| async move {
+            c.lease_time_to_live(lease, None).await
+        })
+        .await
+    {
+        Ok(r) if r.ttl() > 0 => Ok(Some(Duration::from_secs(r.ttl().unsigned_abs()))),
+        Ok(_) => Ok(None),
+        Err(e) if e.class() == Class::LeaseGone => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Builds the conditional write: each desired key must either not exist or
+/// still be exactly as seen; keys seen but no longer desired are deleted
+/// under the same condition. On failure the host's directories are read back.
+fn write_txn(desired: &Desired, lease: i64, seen: &BTreeMap<String, Seen>) -> Txn {
+    let mut compares = Vec::new();
+    let mut ops = Vec::new();
+    for (key, value) in &desired.kvs {
+        compares.push(match seen.get(key) {
+            // Why create_revision: 0 means "never existed or deleted since",
+            // the only state in which a put cannot overwrite anyone.
+            None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+            Some(s) => Compare::mod_revision(key.as_str(), CompareOp::Equal, s.mod_revision),
+        });
+        ops.push(TxnOp::put(
+            key.as_str(),
+            value.as_str(),
+            Some(PutOptions::new().with_lease(lease)),
+        ));
+    }
+    for (key, s) in seen {
+        if !desired.kvs.contains_key(key) {
+            compares.push(Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                s.mod_revision,
+            ));
+            ops.push(TxnOp::delete(key.as_str(), None));
+        }
+    }
+    let reads: Vec<TxnOp> = desired
+        .dirs
+        .iter()
+        .map(|d| TxnOp::get(d.dir(), Some(GetOptions::new().with_prefix())))
+        .collect();
+    Txn::new().when(compares).and_then(ops).or_else(reads)
+}
+
+fn collect_seen(resp: &etcd_client::TxnResponse) -> BTreeMap<String, Seen> {
+    let mut seen = BTreeMap::new();
+    for op in resp.op_responses() {
+        if let TxnOpResponse::Get(get) = op {
+            for kv in get.kvs() {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                seen.insert(
+                    key.clone(),
+                    Seen {
+                        key,
+                        value: String::from_utf8_lossy(kv.value()).into_owned(),
+                        lease: kv.lease(),
+                        mod_revision: kv.mod_revision(),
+                    },
+                );
+            }
+        }
+    }
+    seen
+}
+
+/// The owner recorded next to the keys of one lease.
+fn owner_of(seen: &BTreeMap<String, Seen>, lease: i64) -> Option<String> {
+    seen.values()
+        .find(|s| s.lease == lease && s.key.ends_with("/owner"))
+        .map(|s| s.value.clone())
+}
+
+/// Writes every desired key with `lease` in one transaction.
+///
+/// Existing keys are judged before anything is written:
+/// - attached to `lease` itself (a repair after someone deleted keys): ours;
+/// - attached to another live lease whose owner is this machine id (our own
+///   earlier incarnation): that lease is revoked, then we write;
+/// - attached to another live lease of another owner: [`RegisterError::Conflict`];
+/// - attached to no lease (left by hand): taken over if their owner is us or
+///   absent, a conflict otherwise.
+///
+/// Returns the revision of the write. Every key appears at that one revision.
+pub async fn write(etcd: &Etcd, desired: &Desired, lease: i64) -> Result<i64, RegisterError> {
+    let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
+    for _attempt in 0..8 {
+        let txn = write_txn(desired, lease, &seen);
+        let resp = etcd
+            .call("register", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        if resp.succeeded() {
+            return Ok(resp.header().map(|h| h.revision()).unwrap_or(0));
+        }
+        seen = collect_seen(&resp);
+        let leases: BTreeSet<i64> = seen
+            .values()
+            .map(|s| s.lease)
+            .filter(|l| *l != 0 && *l != lease)
+            .collect();
+        for other in leases {
+            let owner = owner_of(&seen, other);
+            if owner.as_deref() == Some(desired.machine_id.as_str()) {
+                tracing::info!(
+                    host = desired.host(),
+                    old_lease = format_args!("{other:x}"),
+                    "taking over this machine's earlier registration"
+                );
+                revoke(etcd, other).await?;
+            } else if time_to_live(etcd, other).await?.is_some() {
+                return Err(RegisterError::Conflict {
+                    host: desired.host().to_string(),
+                    owner: owner.unwrap_or_else(|| "(no owner key)".into()),
+                    lease: other,
+                });
+            }
+            // Revoked or expired: its keys are gone, so forget them.
+            seen.retain(|_, s| s.lease != other);
+        }
+        if let Some(owner) = seen
+            .values()
+            .find(|s| s.lease == 0 && s.key.ends_with("/owner"))
+            .filter(|s| s.value != desired.machine_id)
+        {
+            return Err(RegisterError::Conflict {
+                host: desired.host().to_string(),
+                owner: owner.value.clone(),
+                lease: 0,
+            });
+        }
+    }
+    Err(RegisterError::Contended)
+}
+
+/// Outcome of a deregistration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deregistered {
+    Removed,
+    NothingRegistered,
+}
+
+/// Removes this host's registration: revokes every lease of ours found in
+/// its directories and deletes keys left without a lease. Refuses to touch a
+/// live registration of another machine.
+pub async fn deregister(etcd: &Etcd, desired: &Desired) -> Result<Deregistered, RegisterError> {
+    let reads: Vec<TxnOp> = desired
+        .dirs
+        .iter()
+        .map(|d| TxnOp::get(d.dir(), Some(GetOptions::new().with_prefix())))
+        .collect();
+    let txn = Txn::new().and_then(reads);
+    let resp = etcd
+        .call("read registration", |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await?;
+    // The reads sit in the success branch here; reuse the collector.
+    let seen = collect_seen(&resp);
+    if seen.is_empty() {
+        return Ok(Deregistered::NothingRegistered);
+    }
+    let leases: BTreeSet<i64> = seen.values().map(|s| s.lease).collect();
+    for lease in &leases {
+        let owner = owner_of(&seen, *lease);
+        if owner.as_deref() != Some(desired.machine_id.as_str())
+            && (*lease == 0 || time_to_live(etcd, *lease).await?.is_some())
+            && owner.is_some()
+        {
+            return Err(RegisterError::Conflict {
+                host: desired.host().to_string(),
+                owner: owner.unwrap_or_default(),
+                lease: *lease,
+            });
+        }
+    }
+    for lease in leases.iter().filter(|l| **l != 0) {
+        revoke(etcd, *lease).await?;
+    }
+    let loose: Vec<&Seen> = seen.values().filter(|s| s.lease == 0).collect();
+    if !loose.is_empty() {
+        let compares: Vec<Compare> = loose
+            .iter()
+            .map(|s| Compare::mod_revision(s.key.as_str(), CompareOp::Equal, s.mod_revision))
+            .collect();
+        let deletes: Vec<TxnOp> = loose
+            .iter()
+            .map(|s| TxnOp::delete(s.key.as_str(), None))
+            .collect();
+        let txn = Txn::new().when(compares).and_then(deletes);
+        let resp = etcd
+            .call("delete leftover keys", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        if !resp.succeeded() {
+            return Err(RegisterError::Contended);
+        }
+    }
+    Ok(Deregistered::Removed)
+}
+
+/// Whether every desired key is in etcd with its value and `lease` (a read
+/// only; used to avoid a write after the watch lost its history).
+pub async fn verify(etcd: &Etcd, desired: &Desired, lease: i64) -> Result<bool, EtcdError> {
+    let reads: Vec<TxnOp> = desired
+        .dirs
+        .iter()
+        .map(|d| TxnOp::get(d.dir(), Some(GetOptions::new().with_prefix())))
+        .collect();
+    let txn = Txn::new().and_then(reads);
+    let resp = etcd
+        .call("verify registration", |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await?;
+    let seen = collect_seen(&resp);
+    Ok(desired.kvs.iter().all(|(k, v)| {
+        seen.get(k)
+            .is_some_and(|s| s.lease == lease && &s.value == v)
+    }))
+}
