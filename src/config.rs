@@ -470,7 +470,7 @@ impl Config {
         let address = address_field(&mut p, flags, &raw, allow_loopback, ipv6);
 
         let ttl = duration_field(&mut p, "ttl", flags.ttl, "ttl", &raw.ttl, DEFAULT_TTL);
-        if ttl.subsec_nanos() != 0 || ttl < Duration::from_secs(1) {
+        if !ttl.is_zero() && (ttl.subsec_nanos() != 0 || ttl < Duration::from_secs(1)) {
             let origin = if flags.ttl.is_some() {
                 Origin::Flag(flag_label("ttl", "REGISTRAR_TTL"))
             } else {

@@ -1,0 +1,303 @@
+//! The long-running agent's lease lifecycle on a single-member cluster.
+
+use std::time::Duration;
+
+use etcd_client::Client;
+use nix::sys::signal::Signal;
+use tokio::time::Instant;
+
+use crate::support::proc::{cmd, host_args};
+use crate::support::{Agent, Cluster, eventually};
+use crate::{read_prefix, registered, value};
+
+const DIR: &str = "/infrastructure/dc1/web/h1/";
+
+fn agent(cluster: &Cluster, machine_id: &str, ttl: &str) -> Agent {
+    let args = cmd(
+        "agent",
+        host_args(
+            &cluster.endpoint_list(),
+            "dc1",
+            "web",
+            "h1",
+            machine_id,
+            ttl,
+        ),
+    );
+    Agent::spawn(&format!("agent {machine_id}"), &args)
+}
+
+async fn wait_registered(c: &Client, within: Duration) -> i64 {
+    eventually(within, "the host to be registered", || {
+        let mut c = c.clone();
+        async move { registered(&mut c, DIR).await }
+    })
+    .await
+}
+
+/// Waits until etcd has seen `n` keep-alives for `lease`, judged by its
+/// remaining TTL going up. etcd reports whole seconds, so use a TTL of 6 s or
+/// more: with 3 s the remaining time hovers around 2 and a renewal is invisible.
+pub async fn wait_keepalives(c: &Client, lease: i64, n: usize, within: Duration) {
+    let mut c = c.clone();
+    let deadline = Instant::now() + within;
+    let (mut last, mut seen) = (i64::MAX, 0usize);
+    while seen < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {seen} of {n} keep-alives of lease {lease:x} within {within:?}"
+        );
+        let ttl = match c.lease_time_to_live(lease, None).await {
+            Ok(r) => r.ttl(),
+            Err(_) => last,
+        };
+        assert!(
+            ttl > 0,
+            "lease {lease:x} expired while waiting for keep-alives"
+        );
+        if ttl > last {
+            seen += 1;
+        }
+        last = ttl;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn steady_state_agent_writes_nothing_and_keeps_the_lease() {
+    let cluster = Cluster::start(1).await;
+    let a = agent(&cluster, "m1", "6s");
+    let mut c = cluster.client().await;
+    let lease = wait_registered(&c, Duration::from_secs(10)).await;
+    let (_, rev_before) = read_prefix(&mut c, "/").await;
+    // Three keep-alive periods (TTL/3 each) must pass with no write at all.
+    wait_keepalives(&c, lease, 3, Duration::from_secs(12)).await;
+    let (_, rev_after) = read_prefix(&mut c, "/").await;
+    assert_eq!(
+        rev_before, rev_after,
+        "the agent wrote to etcd in steady state"
+    );
+    assert_eq!(registered(&mut c, DIR).await.unwrap(), lease);
+    drop(a);
+}
+
+#[tokio::test]
+async fn lease_revoked_from_outside_is_replaced_within_two_seconds() {
+    let cluster = Cluster::start(1).await;
+    // A long TTL: the keep-alive tick (every 10 s) cannot be what notices.
+    let _a = agent(&cluster, "m1", "30s");
+    let mut c = cluster.client().await;
+    let old = wait_registered(&c, Duration::from_secs(10)).await;
+    c.lease_revoke(old).await.unwrap();
+    let revoked_at = Instant::now();
+    let new = eventually(
+        Duration::from_secs(2),
+        "every key back on a new lease",
+        || {
+            let mut c = c.clone();
+            async move {
+                match registered(&mut c, DIR).await {
+                    Ok(l) if l != old => Ok(l),
+                    Ok(_) => Err("still the old lease".into()),
+                    Err(e) => Err(e),
+                }
+            }
+        },
+    )
+    .await;
+    eprintln!("re-registered {:?} after the revoke", revoked_at.elapsed());
+    let (kvs, _) = read_prefix(&mut c, DIR).await;
+    let revs: std::collections::BTreeSet<i64> = kvs.iter().map(|kv| kv.mod_revision()).collect();
+    assert_eq!(revs.len(), 1, "re-registration was not one transaction");
+    assert!(c.lease_time_to_live(new, None).await.unwrap().ttl() > 0);
+}
+
+#[tokio::test]
+async fn keys_deleted_from_outside_are_rewritten_on_the_same_lease() {
+    let cluster = Cluster::start(1).await;
+    let _a = agent(&cluster, "m1", "30s");
+    let mut c = cluster.client().await;
+    let lease = wait_registered(&c, Duration::from_secs(10)).await;
+    c.delete(format!("{DIR}ip"), None).await.unwrap();
+    eventually(Duration::from_secs(2), "ip to be rewritten", || {
+        let mut c = c.clone();
+        async move {
+            match value(&mut c, &format!("{DIR}ip")).await {
+                Some((ip, l)) if l == lease && ip == "127.0.0.1" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_removes_every_key_before_the_process_exits() {
+    let cluster = Cluster::start(1).await;
+    let mut a = agent(&cluster, "m1", "30s");
+    let mut c = cluster.client().await;
+    let lease = wait_registered(&c, Duration::from_secs(10)).await;
+    a.signal(Signal::SIGTERM);
+    let code = a.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(code, 0, "log:\n{}", a.log());
+    let (kvs, _) = read_prefix(&mut c, "/infrastructure/").await;
+    assert!(kvs.is_empty(), "keys left after the agent exited");
+    assert!(
+        c.lease_time_to_live(lease, None).await.unwrap().ttl() <= 0,
+        "lease not revoked"
+    );
+}
+
+#[tokio::test]
+async fn sigint_also_revokes() {
+    let cluster = Cluster::start(1).await;
+    let mut a = agent(&cluster, "m1", "30s");
+    let mut c = cluster.client().await;
+    wait_registered(&c, Duration::from_secs(10)).await;
+    a.signal(Signal::SIGINT);
+    assert_eq!(a.wait_exit(Duration::from_secs(10)).await, 0);
+    let (kvs, _) = read_prefix(&mut c, "/infrastructure/").await;
+    assert!(kvs.is_empty());
+}
+
+#[tokio::test]
+async fn kill_9_leaves_the_keys_until_the_ttl_and_no_longer() {
+    let cluster = Cluster::start(1).await;
+    let mut a = agent(&cluster, "m1", "3s");
+    let mut c = cluster.client().await;
+    wait_registered(&c, Duration::from_secs(10)).await;
+    a.signal(Signal::SIGKILL);
+    a.wait_exit(Duration::from_secs(5)).await;
+    let killed = Instant::now();
+    assert!(
+        registered(&mut c, DIR).await.is_ok(),
+        "keys vanished at once after kill -9"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "keys to expire with the TTL",
+        || {
+            let mut c = c.clone();
+            async move {
+                let (kvs, _) = read_prefix(&mut c, DIR).await;
+                if kvs.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("{} keys", kvs.len()))
+                }
+            }
+        },
+    )
+    .await;
+    eprintln!("keys expired {:?} after kill -9 (TTL 3s)", killed.elapsed());
+}
+
+#[tokio::test]
+async fn second_agent_never_overwrites_and_takes_over_when_the_first_stops() {
+    let cluster = Cluster::start(1).await;
+    let mut first = agent(&cluster, "machine-a", "3s");
+    let mut c = cluster.client().await;
+    let lease_a = wait_registered(&c, Duration::from_secs(10)).await;
+
+    let second = agent(&cluster, "machine-b", "3s");
+    eventually(
+        Duration::from_secs(10),
+        "the second agent to report the conflict twice",
+        || {
+            let log = second.log();
+            async move {
+                let n = log.matches("registered by another machine").count();
+                if n >= 2 {
+                    Ok(())
+                } else {
+                    Err(format!("{n} conflict reports"))
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        second.log().contains("machine-a"),
+        "conflict report does not name the owner"
+    );
+    assert_eq!(
+        value(&mut c, &format!("{DIR}owner")).await,
+        Some(("machine-a".into(), lease_a))
+    );
+
+    first.signal(Signal::SIGTERM);
+    first.wait_exit(Duration::from_secs(10)).await;
+    eventually(
+        Duration::from_secs(15),
+        "the second agent to take over",
+        || {
+            let mut c = c.clone();
+            async move {
+                match value(&mut c, &format!("{DIR}owner")).await {
+                    Some((owner, _)) if owner == "machine-b" => {
+                        registered(&mut c, DIR).await.map(|_| ())
+                    }
+                    other => Err(format!("owner {other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn restart_with_the_same_machine_id_takes_over_at_once() {
+    let cluster = Cluster::start(1).await;
+    let mut first = agent(&cluster, "m1", "30s");
+    let c = cluster.client().await;
+    let old = wait_registered(&c, Duration::from_secs(10)).await;
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(Duration::from_secs(5)).await;
+
+    // Without takeover this would wait out the 30 s TTL.
+    let _second = agent(&cluster, "m1", "30s");
+    eventually(
+        Duration::from_secs(3),
+        "immediate takeover on a new lease",
+        || {
+            let mut c = c.clone();
+            async move {
+                match registered(&mut c, DIR).await {
+                    Ok(l) if l != old => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    let mut c = c.clone();
+    assert!(
+        c.lease_time_to_live(old, None).await.unwrap().ttl() <= 0,
+        "old lease left alive"
+    );
+}
+
+#[tokio::test]
+async fn agent_started_while_etcd_is_down_registers_once_it_is_up() {
+    let mut cluster = Cluster::start(1).await;
+    cluster.kill(0);
+    let a = agent(&cluster, "m1", "3s");
+    eventually(
+        Duration::from_secs(10),
+        "the agent to report etcd unavailable",
+        || {
+            let log = a.log();
+            async move {
+                if log.contains("registration failed") {
+                    Ok(())
+                } else {
+                    Err(log)
+                }
+            }
+        },
+    )
+    .await;
+    cluster.restart(0).await;
+    let c = cluster.client().await;
+    wait_registered(&c, Duration::from_secs(15)).await;
+}
