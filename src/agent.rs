@@ -26,9 +26,9 @@ use crate::registration::{self, Desired, Lease, RegisterError};
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("etcd refused this agent: {0}")]
-    Denied(#[source] RegisterError),
+    Denied(RegisterError),
     #[error("etcd rejected a request: {0}")]
-    Fatal(#[source] RegisterError),
+    Fatal(RegisterError),
 }
 
 /// Everything the agent needs, resolved and validated beforehand.

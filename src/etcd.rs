@@ -38,13 +38,14 @@ pub enum Class {
 /// An etcd failure, with the endpoint it happened on.
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
-    #[error("{endpoint}: {what}: {source}")]
+    // The cause is part of the message (logs print only Display), so it is
+    // deliberately not also exposed as `source()`, which would repeat it.
+    #[error("{endpoint}: {what}: {cause}")]
     Call {
         endpoint: String,
         what: &'static str,
         class: Class,
-        #[source]
-        source: etcd_client::Error,
+        cause: etcd_client::Error,
     },
     #[error("{endpoint}: {what}: no answer within {}", humantime::format_duration(*.after))]
     Timeout {
@@ -87,6 +88,14 @@ pub fn classify(e: &etcd_client::Error) -> Class {
             let msg = status.message();
             match status.code() {
                 _ if msg.contains("requested lease not found") => Class::LeaseGone,
+                // etcd 3.4 reports bad credentials as InvalidArgument.
+                _ if msg.contains("authentication failed")
+                    || msg.contains("permission denied")
+                    || msg.contains("user name not found")
+                    || msg.contains("authentication is not enabled") =>
+                {
+                    Class::Auth
+                }
                 Code::Unauthenticated if msg.contains("invalid auth token") => Class::Retry,
                 Code::Unauthenticated | Code::PermissionDenied => Class::Auth,
                 Code::InvalidArgument
@@ -229,7 +238,7 @@ impl Etcd {
                     class: classify(&source),
                     endpoint,
                     what: "connect",
-                    source,
+                    cause: source,
                 });
             }
             Err(_) => {
@@ -281,7 +290,7 @@ impl Etcd {
                         endpoint,
                         what,
                         class,
-                        source,
+                        cause: source,
                     };
                     if class != Class::Retry {
                         return Err(e);

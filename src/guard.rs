@@ -129,7 +129,7 @@ async fn open(
             endpoint,
             what: "watch",
             class: classify(&source),
-            source,
+            cause: source,
         }),
         Err(_) => Err(EtcdError::Timeout {
             endpoint,

@@ -163,7 +163,7 @@ async fn open_stream(
             endpoint,
             what: "open keep-alive stream",
             class: classify(&source),
-            source,
+            cause: source,
         }),
         Err(_) => Err(EtcdError::Timeout {
             endpoint,

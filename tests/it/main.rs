@@ -6,6 +6,7 @@ mod support;
 mod agent;
 mod faults;
 mod one_shot;
+mod security;
 
 use std::collections::BTreeSet;
 

@@ -22,11 +22,13 @@ pub struct Member {
     data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    tls: bool,
 }
 
 impl Member {
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     fn peer_url(&self) -> String {
@@ -38,15 +40,104 @@ impl Member {
     }
 }
 
+/// Certificates for a TLS cluster, written as PEM files.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// A CA that signed nothing here: verifying etcd with it must fail.
+    pub other_ca: PathBuf,
+}
+
+impl Pki {
+    pub fn generate(dir: &std::path::Path) -> Pki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        };
+        let write = |name: &str, text: String| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).expect("write pem");
+            p
+        };
+        let ca = |name: &str| {
+            let key = KeyPair::generate().expect("ca key");
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            let cert = params.self_signed(&key).expect("self-sign ca");
+            (cert, Issuer::new(params, key))
+        };
+        let (ca_cert, issuer) = ca("registrar test CA");
+        let (other_cert, _) = ca("unrelated CA");
+        let leaf = |sans: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().expect("leaf key");
+            let mut params = CertificateParams::new(sans).expect("leaf params");
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &issuer).expect("sign leaf");
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client_cert, client_key) = leaf(
+            vec!["registrar".into()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        Pki {
+            ca: write("ca.pem", ca_cert.pem()),
+            server_cert: write("server.pem", server_cert),
+            server_key: write("server-key.pem", server_key),
+            client_cert: write("client.pem", client_cert),
+            client_key: write("client-key.pem", client_key),
+            other_ca: write("other-ca.pem", other_cert.pem()),
+        }
+    }
+
+    /// etcd-client TLS options with the client certificate.
+    pub fn client_tls(&self) -> etcd_client::TlsOptions {
+        let read = |p: &PathBuf| std::fs::read(p).expect("read pem");
+        etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&self.ca)))
+            .identity(etcd_client::Identity::from_pem(
+                read(&self.client_cert),
+                read(&self.client_key),
+            ))
+    }
+}
+
+/// How to start a cluster.
+#[derive(Default)]
+pub struct Options {
+    /// Serve clients over mutual TLS.
+    pub tls: bool,
+    /// Extra etcd flags, e.g. `--auth-token-ttl`.
+    pub extra_args: Vec<String>,
+}
+
 pub struct Cluster {
     pub members: Vec<Member>,
+    pub pki: Option<Pki>,
+    extra_args: Vec<String>,
+    /// Credentials the harness uses once auth is enabled.
+    root: Option<(String, String)>,
     _dir: tempfile::TempDir,
 }
 
 impl Cluster {
     /// Starts an `n`-member cluster and waits until every member answers.
     pub async fn start(n: usize) -> Cluster {
+        Self::start_with(n, Options::default()).await
+    }
+
+    /// Starts an `n`-member cluster with options.
+    pub async fn start_with(n: usize, options: Options) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir for etcd");
+        let pki = options.tls.then(|| Pki::generate(dir.path()));
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
@@ -55,9 +146,16 @@ impl Cluster {
                 data_dir: dir.path().join(format!("m{i}.etcd")),
                 log: dir.path().join(format!("m{i}.log")),
                 child: None,
+                tls: options.tls,
             })
             .collect();
-        let mut cluster = Cluster { members, _dir: dir };
+        let mut cluster = Cluster {
+            members,
+            pki,
+            extra_args: options.extra_args,
+            root: None,
+            _dir: dir,
+        };
         for i in 0..n {
             cluster.spawn(i);
         }
@@ -75,6 +173,18 @@ impl Cluster {
 
     fn spawn(&mut self, i: usize) {
         let initial = self.initial_cluster();
+        let mut extra = self.extra_args.clone();
+        if let Some(pki) = &self.pki {
+            for (flag, path) in [
+                ("--cert-file", &pki.server_cert),
+                ("--key-file", &pki.server_key),
+                ("--trusted-ca-file", &pki.ca),
+            ] {
+                extra.push(flag.to_string());
+                extra.push(path.to_string_lossy().into_owned());
+            }
+            extra.push("--client-cert-auth".into());
+        }
         let m = &mut self.members[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -95,6 +205,7 @@ impl Cluster {
             .args(["--heartbeat-interval", HEARTBEAT_MS])
             .args(["--election-timeout", ELECTION_MS])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .args(&extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
@@ -112,11 +223,36 @@ impl Cluster {
         self.endpoints().join(",")
     }
 
+    /// Connect options for the harness's own clients (TLS, root user).
+    pub fn connect_options(&self) -> etcd_client::ConnectOptions {
+        let mut o = etcd_client::ConnectOptions::new();
+        if let Some(pki) = &self.pki {
+            o = o.with_tls(pki.client_tls());
+        }
+        if let Some((u, p)) = &self.root {
+            o = o
+                .with_user(u.clone(), p.clone())
+                .with_auto_token_refresh(true);
+        }
+        o
+    }
+
     /// A client of member `i` alone.
     pub async fn client_of(&self, i: usize) -> Client {
-        Client::connect([self.members[i].endpoint()], None)
+        Client::connect([self.members[i].endpoint()], Some(self.connect_options()))
             .await
             .expect("etcd client")
+    }
+
+    /// Enables auth with a root user; the harness's clients use it from now on.
+    pub async fn enable_auth(&mut self, root_password: &str) {
+        let mut c = self.client().await;
+        c.user_add("root", root_password, None)
+            .await
+            .expect("add root");
+        c.user_grant_role("root", "root").await.expect("grant root");
+        c.auth_enable().await.expect("enable auth");
+        self.root = Some(("root".into(), root_password.into()));
     }
 
     /// A client of the first running member.
@@ -140,8 +276,9 @@ impl Cluster {
                 &format!("etcd member {i} to serve"),
                 || {
                     let ep = ep.clone();
+                    let opts = self.connect_options();
                     async move {
-                        let mut c = Client::connect([ep], None)
+                        let mut c = Client::connect([ep], Some(opts))
                             .await
                             .map_err(|e| e.to_string())?;
                         tokio::time::timeout(Duration::from_secs(1), c.get("health", None))
@@ -184,7 +321,9 @@ impl Cluster {
         let status = c.status().await.expect("status");
         let leader = status.leader();
         for (i, m) in self.members.iter().enumerate() {
-            let mut c = Client::connect([m.endpoint()], None).await.expect("client");
+            let mut c = Client::connect([m.endpoint()], Some(self.connect_options()))
+                .await
+                .expect("client");
             if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), c.status()).await
                 && s.header().map(|h| h.member_id()) == Some(leader)
             {

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use etcd::Cluster;
+pub use etcd::{Cluster, Options};
 pub use proc::Agent;
 pub use watcher::Watcher;
 
