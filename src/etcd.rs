@@ -125,6 +125,30 @@ fn is_tls_failure(text: &str) -> bool {
         .any(|w| t.contains(w))
 }
 
+/// Runs one etcd-client call on `endpoint` with a deadline, turning both
+/// failure modes into an [`EtcdError`].
+pub async fn bounded<T>(
+    endpoint: &str,
+    what: &'static str,
+    within: Duration,
+    call: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, EtcdError> {
+    match timeout(within, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(cause)) => Err(EtcdError::Call {
+            endpoint: endpoint.to_string(),
+            what,
+            class: classify(&cause),
+            cause,
+        }),
+        Err(_) => Err(EtcdError::Timeout {
+            endpoint: endpoint.to_string(),
+            what,
+            after: within,
+        }),
+    }
+}
+
 /// The connection to the etcd cluster.
 pub struct Etcd {
     endpoints: Vec<String>,
@@ -231,24 +255,7 @@ impl Etcd {
         let endpoint = self.endpoint(idx).to_string();
         let budget = self.connect_timeout + self.request_timeout;
         let connect = Client::connect([endpoint.clone()], Some(self.options.clone()));
-        let client = match timeout(budget, connect).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(source)) => {
-                return Err(EtcdError::Call {
-                    class: classify(&source),
-                    endpoint,
-                    what: "connect",
-                    cause: source,
-                });
-            }
-            Err(_) => {
-                return Err(EtcdError::Timeout {
-                    endpoint,
-                    what: "connect",
-                    after: budget,
-                });
-            }
-        };
+        let client = bounded(&endpoint, "connect", budget, connect).await?;
         if let Ok(mut clients) = self.clients.lock()
             && let Some(slot) = clients.get_mut(idx)
         {
@@ -279,34 +286,15 @@ impl Etcd {
                 }
                 Err(e) => return Err(e),
             };
-            match timeout(self.request_timeout, op(client)).await {
-                Ok(Ok(v)) => {
+            match bounded(&endpoint, what, self.request_timeout, op(client)).await {
+                Ok(v) => {
                     self.set_preferred(idx);
                     return Ok(v);
                 }
-                Ok(Err(source)) => {
-                    let class = classify(&source);
-                    let e = EtcdError::Call {
-                        endpoint,
-                        what,
-                        class,
-                        cause: source,
-                    };
-                    if class != Class::Retry {
-                        return Err(e);
-                    }
+                Err(e) if e.class() != Class::Retry => return Err(e),
+                Err(e) => {
                     tracing::debug!(error = %e, "etcd call failed, trying the next endpoint");
                     self.forget(idx);
-                    last = Some(e);
-                }
-                Err(_) => {
-                    self.forget(idx);
-                    let e = EtcdError::Timeout {
-                        endpoint,
-                        what,
-                        after: self.request_timeout,
-                    };
-                    tracing::debug!(error = %e, "etcd call timed out, trying the next endpoint");
                     last = Some(e);
                 }
             }

@@ -10,11 +10,11 @@
 use std::time::Duration;
 
 use etcd_client::{EventType, WatchOptions, WatchStream};
-use tokio::time::{sleep, timeout};
+use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::etcd::{Etcd, EtcdError, classify};
+use crate::etcd::{Etcd, EtcdError, bounded};
 use crate::registration::Desired;
 
 /// Why watching stopped.
@@ -123,18 +123,5 @@ async fn open(
         }
         Ok::<_, etcd_client::Error>(stream)
     };
-    match timeout(within, call).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(source)) => Err(EtcdError::Call {
-            endpoint,
-            what: "watch",
-            class: classify(&source),
-            cause: source,
-        }),
-        Err(_) => Err(EtcdError::Timeout {
-            endpoint,
-            what: "watch",
-            after: within,
-        }),
-    }
+    bounded(&endpoint, "watch", within, call).await
 }

@@ -19,7 +19,7 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::etcd::{Class, Etcd, EtcdError, classify};
+use crate::etcd::{Class, Etcd, EtcdError, bounded, classify};
 use crate::registration::{Lease, time_to_live};
 
 /// Why keeping the lease alive stopped.
@@ -157,20 +157,13 @@ async fn open_stream(
 ) -> Result<(LeaseKeeper, LeaseKeepAliveStream), EtcdError> {
     let endpoint = etcd.endpoint(idx).to_string();
     let mut client = etcd.client_at(idx).await?;
-    match timeout(within, client.lease_keep_alive(lease)).await {
-        Ok(Ok(pair)) => Ok(pair),
-        Ok(Err(source)) => Err(EtcdError::Call {
-            endpoint,
-            what: "open keep-alive stream",
-            class: classify(&source),
-            cause: source,
-        }),
-        Err(_) => Err(EtcdError::Timeout {
-            endpoint,
-            what: "open keep-alive stream",
-            after: within,
-        }),
-    }
+    bounded(
+        &endpoint,
+        "open keep-alive stream",
+        within,
+        client.lease_keep_alive(lease),
+    )
+    .await
 }
 
 async fn run_stream(

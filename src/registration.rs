@@ -207,12 +207,10 @@ fn write_txn(desired: &Desired, lease: i64, seen: &BTreeMap<String, Seen>) -> Tx
             ops.push(TxnOp::delete(key.as_str(), None));
         }
     }
-    let reads: Vec<TxnOp> = desired
-        .dirs
-        .iter()
-        .map(|d| TxnOp::get(d.dir(), Some(GetOptions::new().with_prefix())))
-        .collect();
-    Txn::new().when(compares).and_then(ops).or_else(reads)
+    Txn::new()
+        .when(compares)
+        .and_then(ops)
+        .or_else(dir_reads(desired))
 }
 
 fn collect_seen(resp: &etcd_client::TxnResponse) -> BTreeMap<String, Seen> {
@@ -236,6 +234,37 @@ fn collect_seen(resp: &etcd_client::TxnResponse) -> BTreeMap<String, Seen> {
     seen
 }
 
+/// Runs one transaction through the fail-over path.
+async fn run_txn(
+    etcd: &Etcd,
+    what: &'static str,
+    txn: Txn,
+) -> Result<etcd_client::TxnResponse, EtcdError> {
+    etcd.call(what, |mut c| {
+        let txn = txn.clone();
+        async move { c.txn(txn).await }
+    })
+    .await
+}
+
+fn dir_reads(desired: &Desired) -> Vec<TxnOp> {
+    desired
+        .dirs
+        .iter()
+        .map(|d| TxnOp::get(d.dir(), Some(GetOptions::new().with_prefix())))
+        .collect()
+}
+
+/// Every key in the host's directories, read at one revision.
+async fn read_dirs(
+    etcd: &Etcd,
+    desired: &Desired,
+    what: &'static str,
+) -> Result<BTreeMap<String, Seen>, EtcdError> {
+    let resp = run_txn(etcd, what, Txn::new().and_then(dir_reads(desired))).await?;
+    Ok(collect_seen(&resp))
+}
+
 /// The owner recorded next to the keys of one lease.
 fn owner_of(seen: &BTreeMap<String, Seen>, lease: i64) -> Option<String> {
     seen.values()
@@ -257,13 +286,7 @@ fn owner_of(seen: &BTreeMap<String, Seen>, lease: i64) -> Option<String> {
 pub async fn write(etcd: &Etcd, desired: &Desired, lease: i64) -> Result<i64, RegisterError> {
     let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
     for _attempt in 0..8 {
-        let txn = write_txn(desired, lease, &seen);
-        let resp = etcd
-            .call("register", |mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
+        let resp = run_txn(etcd, "register", write_txn(desired, lease, &seen)).await?;
         if resp.succeeded() {
             return Ok(resp.header().map(|h| h.revision()).unwrap_or(0));
         }
@@ -318,33 +341,27 @@ pub enum Deregistered {
 /// its directories and deletes keys left without a lease. Refuses to touch a
 /// live registration of another machine.
 pub async fn deregister(etcd: &Etcd, desired: &Desired) -> Result<Deregistered, RegisterError> {
-    let reads: Vec<TxnOp> = desired
-        .dirs
-        .iter()
-        .map(|d| TxnOp::get(d.dir(), Some(GetOptions::new().with_prefix())))
-        .collect();
-    let txn = Txn::new().and_then(reads);
-    let resp = etcd
-        .call("read registration", |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })
-        .await?;
-    // The reads sit in the success branch here; reuse the collector.
-    let seen = collect_seen(&resp);
+    let seen = read_dirs(etcd, desired, "read registration").await?;
     if seen.is_empty() {
         return Ok(Deregistered::NothingRegistered);
     }
     let leases: BTreeSet<i64> = seen.values().map(|s| s.lease).collect();
     for lease in &leases {
         let owner = owner_of(&seen, *lease);
-        if owner.as_deref() != Some(desired.machine_id.as_str())
-            && (*lease == 0 || time_to_live(etcd, *lease).await?.is_some())
-            && owner.is_some()
-        {
+        if owner.as_deref() == Some(desired.machine_id.as_str()) {
+            continue;
+        }
+        // Not ours: a live lease (with or without an owner key) belongs to
+        // someone else; loose keys are only ours to delete without an owner.
+        let foreign = if *lease == 0 {
+            owner.is_some()
+        } else {
+            time_to_live(etcd, *lease).await?.is_some()
+        };
+        if foreign {
             return Err(RegisterError::Conflict {
                 host: desired.host().to_string(),
-                owner: owner.unwrap_or_default(),
+                owner: owner.unwrap_or_else(|| "(no owner key)".into()),
                 lease: *lease,
             });
         }
@@ -362,13 +379,12 @@ pub async fn deregister(etcd: &Etcd, desired: &Desired) -> Result<Deregistered, 
             .iter()
             .map(|s| TxnOp::delete(s.key.as_str(), None))
             .collect();
-        let txn = Txn::new().when(compares).and_then(deletes);
-        let resp = etcd
-            .call("delete leftover keys", |mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
+        let resp = run_txn(
+            etcd,
+            "delete leftover keys",
+            Txn::new().when(compares).and_then(deletes),
+        )
+        .await?;
         if !resp.succeeded() {
             return Err(RegisterError::Contended);
         }
@@ -379,19 +395,7 @@ pub async fn deregister(etcd: &Etcd, desired: &Desired) -> Result<Deregistered, 
 /// Whether every desired key is in etcd with its value and `lease` (a read
 /// only; used to avoid a write after the watch lost its history).
 pub async fn verify(etcd: &Etcd, desired: &Desired, lease: i64) -> Result<bool, EtcdError> {
-    let reads: Vec<TxnOp> = desired
-        .dirs
-        .iter()
-        .map(|d| TxnOp::get(d.dir(), Some(GetOptions::new().with_prefix())))
-        .collect();
-    let txn = Txn::new().and_then(reads);
-    let resp = etcd
-        .call("verify registration", |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })
-        .await?;
-    let seen = collect_seen(&resp);
+    let seen = read_dirs(etcd, desired, "verify registration").await?;
     Ok(desired.kvs.iter().all(|(k, v)| {
         seen.get(k)
             .is_some_and(|s| s.lease == lease && &s.value == v)

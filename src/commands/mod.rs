@@ -176,16 +176,25 @@ async fn run_agent(config: &Config, cancel: &CancellationToken) -> Result<(), Fa
         })
 }
 
-/// Waits for SIGTERM or SIGINT and fires `cancel`.
+/// Waits for SIGTERM or SIGINT and fires `cancel`. SIGHUP (systemd's
+/// ExecReload) must not kill the agent without revoking its lease, so it is
+/// caught and logged: live reload is not implemented yet.
 pub async fn cancel_on_signals(cancel: CancellationToken) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
-        _ = cancel.cancelled() => return Ok(()),
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+            _ = hup.recv() => {
+                tracing::warn!("SIGHUP received: live reload is not supported yet; restart the agent to apply config changes");
+                continue;
+            }
+            _ = cancel.cancelled() => return Ok(()),
+        }
+        cancel.cancel();
+        return Ok(());
     }
-    cancel.cancel();
-    Ok(())
 }

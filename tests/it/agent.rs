@@ -301,3 +301,46 @@ async fn agent_started_while_etcd_is_down_registers_once_it_is_up() {
     let c = cluster.client().await;
     wait_registered(&c, Duration::from_secs(15)).await;
 }
+
+#[tokio::test]
+async fn register_keep_alive_stays_registered_until_sigterm() {
+    let cluster = Cluster::start(1).await;
+    let mut args = cmd(
+        "register",
+        host_args(&cluster.endpoint_list(), "dc1", "web", "h1", "m1", "6s"),
+    );
+    args.push("--keep-alive".into());
+    let mut a = Agent::spawn("register --keep-alive", &args);
+    let mut c = cluster.client().await;
+    let lease = wait_registered(&c, Duration::from_secs(10)).await;
+    // Alive past its TTL: something keeps it alive.
+    wait_keepalives(&c, lease, 3, Duration::from_secs(12)).await;
+    assert_eq!(registered(&mut c, DIR).await, Ok(lease));
+    a.signal(Signal::SIGTERM);
+    assert_eq!(a.wait_exit(Duration::from_secs(10)).await, 0);
+    let (kvs, _) = read_prefix(&mut c, DIR).await;
+    assert!(kvs.is_empty(), "keys left after SIGTERM");
+}
+
+#[tokio::test]
+async fn sighup_does_not_kill_the_agent() {
+    let cluster = Cluster::start(1).await;
+    let mut a = agent(&cluster, "m1", "30s");
+    let mut c = cluster.client().await;
+    let lease = wait_registered(&c, Duration::from_secs(10)).await;
+    a.signal(Signal::SIGHUP);
+    eventually(Duration::from_secs(5), "the SIGHUP to be logged", || {
+        let log = a.log();
+        async move {
+            if log.contains("SIGHUP received") {
+                Ok(())
+            } else {
+                Err(log)
+            }
+        }
+    })
+    .await;
+    assert_eq!(registered(&mut c, DIR).await, Ok(lease));
+    a.signal(Signal::SIGTERM);
+    assert_eq!(a.wait_exit(Duration::from_secs(10)).await, 0);
+}

@@ -511,3 +511,61 @@ async fn check_config_prints_the_effective_config_without_secrets() {
         bad.stderr
     );
 }
+
+#[tokio::test]
+async fn flags_beat_environment_beat_the_config_file() {
+    use crate::support::proc::{registrar, run_with};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("registrar.yaml");
+    std::fs::write(
+        &cfg,
+        "endpoints: [http://file:2379]\ndc: file-dc\nroles: [file-role]\nhost: file-host\nip: 10.0.0.1\nttl: 11s\nmachine_id: file-id\n",
+    )
+    .unwrap();
+    let out = run_with(
+        registrar()
+            .args([
+                "check-config",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--host",
+                "flag-host",
+            ])
+            .env("REGISTRAR_DC", "env-dc")
+            .env("REGISTRAR_HOST", "env-host")
+            .env("REGISTRAR_TTL", "22s")
+            .env("ETCDCTL_ENDPOINTS", "http://etcdctl:2379")
+            .env("ETCDCTL_USER", "u:secret-from-env"),
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    for needle in [
+        "- http://etcdctl:2379", // ETCDCTL_* beats the file
+        "dc: env-dc",            // REGISTRAR_* beats the file
+        "host: flag-host",       // a flag beats REGISTRAR_*
+        "ttl: 22s",
+        "- file-role", // the file beats the default
+        "machine_id: file-id",
+        "user: u (password hidden)",
+    ] {
+        assert!(
+            out.stdout.contains(needle),
+            "missing {needle:?} in:\n{}",
+            out.stdout
+        );
+    }
+    assert!(!out.stdout.contains("secret-from-env"));
+
+    let env_wins = run_with(
+        registrar()
+            .args(["check-config", "--config", cfg.to_str().unwrap()])
+            .env("REGISTRAR_ENDPOINTS", "http://registrar:2379")
+            .env("ETCDCTL_ENDPOINTS", "http://etcdctl:2379"),
+    )
+    .await;
+    assert!(
+        env_wins.stdout.contains("- http://registrar:2379"),
+        "{}",
+        env_wins.stdout
+    );
+}
