@@ -224,7 +224,7 @@ async fn unreachable_etcd_exits_69_naming_the_endpoint() {
         "register",
         host_args(&dead, "dc1", "web", "h1", "m1", "10s"),
     );
-    args.extend(["--timeout", "1s"].map(String::from));
+    args.extend(["--timeout", "1s", "--log-format", "json"].map(String::from));
     let started = Instant::now();
     let r = run(&args).await;
     assert_eq!(r.code, 69, "{}", r.stderr);
@@ -233,6 +233,12 @@ async fn unreachable_etcd_exits_69_naming_the_endpoint() {
         "error does not name the endpoint: {}",
         r.stderr
     );
+    let logs: Vec<&str> = r.stderr.lines().filter(|l| l.starts_with('{')).collect();
+    assert!(!logs.is_empty(), "no JSON log lines: {}", r.stderr);
+    for line in logs {
+        let v: serde_json::Value = serde_json::from_str(line).expect("every log line is JSON");
+        assert!(v.get("level").is_some() && v.get("fields").is_some(), "{line}");
+    }
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "--timeout 1s took {:?}",
