@@ -1,19 +1,25 @@
-//! The long-running agent: register, keep the lease alive, repair or
-//! re-register when anything is lost, and revoke on shutdown.
-//!
-//! The loop is a small state machine driven by one cancellation token:
+//! The long-running agent: register, keep the lease alive, keep the keys
+//! equal to what the host reports, re-register when the lease is lost, and
+//! revoke on shutdown.
 //!
 //! ```text
-//!  ┌─> grant lease (if none) ─> conditional write ─> keep-alive ∥ watch own keys
-//!  │        │ error/conflict: log, jittered backoff        │
-//!  │        └──────────────────────────────────────────────┤ lost: drop lease
-//!  └───────────────────────────────────────────────────────┘ damaged: verify, rewrite
+//!  ┌─> grant lease (if none) ─> conditional write of the current Desired
+//!  │        │ error/conflict: log, jittered backoff, retry
+//!  │        v
+//!  │   hold: keep-alive ∥ watch own keys ∥ Desired changes
+//!  │        │ change: update txn (compare owner lease == ours)
+//!  │        │ damage (keys deleted/overwritten): rewrite on the same lease
+//!  └────────┘ lease lost: drop it, re-register with the *current* Desired
 //!  cancel ─> revoke lease ─> return
 //! ```
+//!
+//! The keep-alive stream keeps running while updates and repairs happen, so
+//! a slow or failing write never costs the lease.
 
 use std::time::Duration;
 
-use tokio::time::{Instant, sleep};
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -31,70 +37,77 @@ pub enum AgentError {
     Fatal(RegisterError),
 }
 
-/// Everything the agent needs, resolved and validated beforehand.
+/// The agent's inputs: where to write, with what TTL, and the latest
+/// desired registration (`None` until the first check results are in).
 pub struct Agent<'a> {
     pub etcd: &'a Etcd,
-    pub desired: Desired,
     pub ttl: Duration,
+    pub desired: watch::Receiver<Option<Desired>>,
 }
 
-/// What one registration attempt produced.
+/// A registration in force.
 struct Registered {
     lease: Lease,
     since: Instant,
     revision: i64,
+    written: Desired,
+}
+
+enum Held {
+    Cancelled,
+    Lost(String),
 }
 
 impl Agent<'_> {
     /// Runs until `cancel` fires, then revokes the lease. Returns an error
-    /// only for failures that retrying cannot fix (auth, a rejected request).
+    /// only for failures that retrying cannot fix at the first registration
+    /// (auth, a rejected request).
     pub async fn run(
-        &self,
+        &mut self,
         cancel: &CancellationToken,
         observer: &mut dyn Observer,
     ) -> Result<(), AgentError> {
         let mut backoff = Backoff::standard();
         let mut lease: Option<(Lease, Instant)> = None;
-        let mut first = true;
+        let mut registered_once = false;
+        // Wait for the first complete report (first check results).
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            r = self.desired.wait_for(Option::is_some) => if r.is_err() { return Ok(()) },
+        }
         loop {
             let attempt = tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = self.register(&mut lease) => r,
             };
             match attempt {
-                Ok(reg) => {
+                Ok(mut reg) => {
                     backoff.reset();
                     tracing::info!(
-                        host = self.desired.host(),
+                        host = reg.written.host(),
                         lease = format_args!("{:x}", reg.lease.id),
                         ttl = %humantime::format_duration(reg.lease.ttl),
                         revision = reg.revision,
-                        keys = self.desired.kvs.len(),
-                        "{}", if first { "registered" } else { "re-registered" }
+                        keys = reg.written.kvs.len(),
+                        "{}", if registered_once { "re-registered" } else { "registered" }
                     );
-                    first = false;
-                    match self.hold(&reg, cancel, observer).await {
+                    registered_once = true;
+                    match self.hold(&mut reg, cancel, observer).await {
                         Held::Cancelled => break,
                         Held::Lost(why) => {
                             tracing::warn!("{why}; granting a new lease and re-registering");
                             lease = None;
                         }
-                        Held::Repair(why) => {
-                            tracing::warn!("{why}; rewriting this host's keys");
-                            continue;
-                        }
                     }
                 }
                 Err(e) => match e.class() {
-                    Class::Auth => return Err(AgentError::Denied(e)),
-                    Class::Fatal => return Err(AgentError::Fatal(e)),
+                    Class::Auth if !registered_once => return Err(AgentError::Denied(e)),
+                    Class::Fatal if !registered_once => return Err(AgentError::Fatal(e)),
                     Class::LeaseGone => {
                         tracing::warn!(error = %e, "lease vanished during registration; granting a new one");
                         lease = None;
                     }
-                    Class::Retry => {
-                        tracing::warn!(error = %e, "registration failed; retrying");
-                    }
+                    _ => tracing::warn!(error = %e, "registration failed; retrying"),
                 },
             }
             let delay = backoff.next_delay();
@@ -104,15 +117,22 @@ impl Agent<'_> {
             }
         }
         if let Some((l, _)) = lease {
-            self.revoke(l).await;
+            revoke(self.etcd, l).await;
         }
         Ok(())
+    }
+
+    fn current(&self) -> Option<Desired> {
+        self.desired.borrow().clone()
     }
 
     async fn register(
         &self,
         lease: &mut Option<(Lease, Instant)>,
     ) -> Result<Registered, RegisterError> {
+        let Some(desired) = self.current() else {
+            return Err(RegisterError::Contended);
+        };
         let (l, since) = match *lease {
             Some(pair) => pair,
             None => {
@@ -122,95 +142,140 @@ impl Agent<'_> {
                 (l, since)
             }
         };
-        let revision = registration::write(self.etcd, &self.desired, l.id).await?;
+        let revision = registration::write(self.etcd, &desired, l.id).await?;
         Ok(Registered {
             lease: l,
             since,
             revision,
+            written: desired,
         })
     }
 
+    /// Holds a registration: keeps the lease alive and the keys equal to the
+    /// latest Desired, until shutdown or loss of the lease.
     async fn hold(
-        &self,
-        reg: &Registered,
+        &mut self,
+        reg: &mut Registered,
         cancel: &CancellationToken,
         observer: &mut dyn Observer,
     ) -> Held {
-        tokio::select! {
-            end = lease::keep_alive(self.etcd, reg.lease, reg.since, cancel, observer) => match end {
-                KeepAliveEnd::Cancelled => Held::Cancelled,
-                KeepAliveEnd::Lost(why) => Held::Lost(why),
-            },
-            end = guard::watch(self.etcd, &self.desired, reg.lease.id, reg.revision, cancel) => match end {
-                WatchEnd::Cancelled => Held::Cancelled,
-                WatchEnd::Damaged(why) => self.diagnose(reg.lease, why).await,
-                WatchEnd::Compacted => {
-                    match registration::verify(self.etcd, &self.desired, reg.lease.id).await {
-                        Ok(true) => Box::pin(self.hold_after_verify(reg, cancel, observer)).await,
-                        Ok(false) => self.diagnose(reg.lease, "the keys differ from what this agent wrote".into()).await,
-                        Err(e) => self.diagnose(reg.lease, format!("cannot verify the keys ({e})")).await,
+        let keep_alive = lease::keep_alive(self.etcd, reg.lease, reg.since, cancel, observer);
+        tokio::pin!(keep_alive);
+        let mut backoff = Backoff::standard();
+        // When to reconcile etcd with the latest Desired next, and whether
+        // a full conditional rewrite (rather than an update) is needed.
+        let mut due: Option<Instant> = None;
+        let mut rewrite = false;
+        let mut desired_open = true;
+        // Changes that happened between the write and now.
+        if self.current().as_ref() != Some(&reg.written) {
+            due = Some(Instant::now());
+        }
+        loop {
+            let watch = guard::watch(self.etcd, &reg.written, reg.lease.id, reg.revision, cancel);
+            let timer = async {
+                match due {
+                    Some(at) => sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                end = &mut keep_alive => return match end {
+                    KeepAliveEnd::Cancelled => Held::Cancelled,
+                    KeepAliveEnd::Lost(why) => Held::Lost(why),
+                },
+                end = watch => match end {
+                    WatchEnd::Cancelled => return Held::Cancelled,
+                    WatchEnd::Damaged(why) => {
+                        match registration::time_to_live(self.etcd, reg.lease.id).await {
+                            Ok(None) => return Held::Lost(format!("{why} and lease {:x} is gone", reg.lease.id)),
+                            _ => {
+                                tracing::warn!("{why}; rewriting this host's keys");
+                                rewrite = true;
+                                due = Some(Instant::now());
+                            }
+                        }
+                    }
+                    WatchEnd::Compacted => {
+                        match registration::verify(self.etcd, &reg.written, reg.lease.id).await {
+                            Ok(true) => reg.revision = current_revision(self.etcd).await.unwrap_or(reg.revision),
+                            _ => {
+                                rewrite = true;
+                                due = Some(Instant::now());
+                            }
+                        }
+                    }
+                },
+                changed = self.desired.changed(), if desired_open => {
+                    if changed.is_err() {
+                        desired_open = false;
+                    } else {
+                        due = Some(Instant::now());
                     }
                 }
-            },
-        }
-    }
-
-    /// After a compaction with everything intact: keep the lease alive and
-    /// watch again from the current revision.
-    async fn hold_after_verify(
-        &self,
-        reg: &Registered,
-        cancel: &CancellationToken,
-        observer: &mut dyn Observer,
-    ) -> Held {
-        let current = match self
-            .etcd
-            .call(
-                "read revision",
-                |mut c| async move { c.get("\0", None).await },
-            )
-            .await
-        {
-            Ok(r) => r.header().map(|h| h.revision()).unwrap_or(reg.revision),
-            Err(_) => reg.revision,
-        };
-        let next = Registered {
-            lease: reg.lease,
-            since: Instant::now(),
-            revision: current,
-        };
-        self.hold(&next, cancel, observer).await
-    }
-
-    /// Our keys were touched: is the lease itself gone, or just keys?
-    async fn diagnose(&self, lease: Lease, why: String) -> Held {
-        match registration::time_to_live(self.etcd, lease.id).await {
-            Ok(None) => Held::Lost(format!("{why} and lease {:x} is gone", lease.id)),
-            Ok(Some(_)) => Held::Repair(why),
-            // Cannot tell: rewriting with the same lease is safe either way;
-            // a lost lease will show up as LeaseGone there.
-            Err(_) => Held::Repair(why),
-        }
-    }
-
-    async fn revoke(&self, lease: Lease) {
-        match registration::revoke(self.etcd, lease.id).await {
-            Ok(()) => tracing::info!(
-                host = self.desired.host(),
-                lease = format_args!("{:x}", lease.id),
-                "lease revoked; this host's keys are gone"
-            ),
-            Err(e) => tracing::error!(
-                error = %e,
-                "could not revoke the lease; this host's keys expire within {}",
-                humantime::format_duration(lease.ttl)
-            ),
+                _ = timer => {
+                    due = None;
+                    let Some(target) = self.current() else { continue };
+                    let result = if rewrite {
+                        registration::write(self.etcd, &target, reg.lease.id).await.map(Some)
+                    } else if target != reg.written {
+                        registration::update(self.etcd, &reg.written, &target, reg.lease.id).await.map(Some)
+                    } else {
+                        Ok(None)
+                    };
+                    match result {
+                        Ok(Some(revision)) => {
+                            tracing::info!(
+                                revision,
+                                keys = target.kvs.len(),
+                                "{}", if rewrite { "rewrote this host's keys" } else { "updated this host's keys" }
+                            );
+                            reg.written = target;
+                            reg.revision = revision;
+                            rewrite = false;
+                            backoff.reset();
+                        }
+                        Ok(None) => {}
+                        Err(RegisterError::Mismatch) => {
+                            tracing::warn!("the registry no longer matches this agent's lease; rewriting");
+                            rewrite = true;
+                            due = Some(Instant::now());
+                        }
+                        Err(e) if e.class() == Class::LeaseGone => {
+                            return Held::Lost(format!("lease {:x} is gone ({e})", reg.lease.id));
+                        }
+                        Err(e) => {
+                            let delay = backoff.next_delay();
+                            tracing::warn!(error = %e, retry_in = ?delay, "could not update this host's keys");
+                            due = Some(Instant::now() + delay);
+                        }
+                    }
+                }
+            }
         }
     }
 }
 
-enum Held {
-    Cancelled,
-    Lost(String),
-    Repair(String),
+async fn current_revision(etcd: &Etcd) -> Option<i64> {
+    etcd.call(
+        "read revision",
+        |mut c| async move { c.get("\0", None).await },
+    )
+    .await
+    .ok()
+    .and_then(|r| r.header().map(|h| h.revision()))
+}
+
+async fn revoke(etcd: &Etcd, lease: Lease) {
+    match registration::revoke(etcd, lease.id).await {
+        Ok(()) => tracing::info!(
+            lease = format_args!("{:x}", lease.id),
+            "lease revoked; this host's keys are gone"
+        ),
+        Err(e) => tracing::error!(
+            error = %e,
+            "could not revoke the lease; this host's keys expire within {}",
+            humantime::format_duration(lease.ttl)
+        ),
+    }
 }

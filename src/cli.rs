@@ -15,14 +15,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// owner) is written in one transaction and attached to that lease. The agent
 /// keeps the lease alive, re-registers when it is lost, and revokes it on
 /// shutdown so the keys vanish at once.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "registrar", version, max_term_width = 100)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Register this host and keep it registered until stopped (the systemd unit runs this).
     ///
@@ -45,15 +45,43 @@ pub enum Command {
     /// Every problem is reported at once, with the file, line and column where
     /// it is known. Exits 78 when the configuration is invalid.
     CheckConfig(CheckConfigArgs),
+    /// Drain this host without stopping the agent: publish a `maintenance` key.
+    ///
+    /// The state is kept in the state dir, so it survives agent restarts and
+    /// lease loss; the running agent picks up a change within a second.
+    Maintenance(MaintenanceArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
+pub struct MaintenanceArgs {
+    #[command(subcommand)]
+    pub action: MaintenanceAction,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum MaintenanceAction {
+    /// Enter maintenance; consumers using `--healthy` stop sending traffic.
+    On {
+        /// Why (shown as the value of the `maintenance` key).
+        #[arg(long)]
+        reason: String,
+        /// Leave maintenance by itself after this long, e.g. 30m.
+        #[arg(long = "for", value_parser = parse_duration, value_name = "DURATION")]
+        r#for: Option<Duration>,
+    },
+    /// Leave maintenance.
+    Off,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct AgentArgs {
     #[command(flatten)]
     pub common: Common,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RegisterArgs {
     #[command(flatten)]
     pub one_shot: OneShotArgs,
@@ -62,7 +90,7 @@ pub struct RegisterArgs {
     pub keep_alive: bool,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct OneShotArgs {
     #[command(flatten)]
     pub common: Common,
@@ -71,7 +99,7 @@ pub struct OneShotArgs {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct CheckConfigArgs {
     #[command(flatten)]
     pub common: Common,

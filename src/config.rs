@@ -33,6 +33,9 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/registrar";
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_OUTPUT_REFRESH: Duration = Duration::from_secs(300);
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The config file as written. Every field is optional: flags and the
 /// environment may supply it instead.
@@ -85,6 +88,38 @@ pub struct RawConfig {
     pub request_timeout: Option<RawDuration>,
     /// Connect timeout.
     pub connect_timeout: Option<RawDuration>,
+    /// Local health checks.
+    pub checks: Option<Vec<RawCheck>>,
+    /// How often a change of check output alone is written (default 5m).
+    pub output_refresh: Option<RawDuration>,
+}
+
+/// One health check as written in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCheck {
+    /// Unique name; becomes `checks/<name>`.
+    pub name: Option<String>,
+    /// Program and arguments, run without a shell.
+    pub exec: Option<Vec<String>>,
+    /// A command line for /bin/sh -c (explicit opt-in to a shell).
+    pub shell: Option<String>,
+    /// URL fetched with GET.
+    pub http: Option<String>,
+    /// host:port to connect to.
+    pub tcp: Option<String>,
+    /// How often to run (default 10s).
+    pub interval: Option<RawDuration>,
+    /// Bound on one run (default 5s).
+    pub timeout: Option<RawDuration>,
+    /// Consecutive successes before passing (default 1).
+    pub success_before_passing: Option<u32>,
+    /// Consecutive failures before warning (default 1).
+    pub failures_before_warning: Option<u32>,
+    /// Consecutive failures before critical (default 1).
+    pub failures_before_critical: Option<u32>,
+    /// Withdraw the host's keys while this check has been critical this long.
+    pub deregister_after: Option<RawDuration>,
 }
 
 /// A duration as written in YAML: normally `30s`; a bare number is caught so
@@ -157,6 +192,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub services: BTreeMap<String, u16>,
     pub meta: BTreeMap<String, String>,
+    pub checks: Vec<crate::check::Spec>,
+    pub output_refresh: Duration,
     /// The file the config came from, for messages and reload.
     pub source: Option<PathBuf>,
 }
@@ -209,40 +246,70 @@ impl FileSource {
         let Some(mut name) = want.next() else {
             return file.to_string();
         };
+        // Lines at or deeper than `min_indent` belong to the current parent;
+        // the top level is searched at indentation 0 exactly.
         let mut min_indent = 0usize;
-        let mut exact_indent = Some(0usize);
+        let mut top = true;
+        let mut item_indent: Option<usize> = None;
+        let mut items_seen = 0usize;
         let mut found = None;
         for (i, line) in self.text.lines().enumerate() {
             let trimmed = line.trim_start();
-            let indent = line.len() - trimmed.len();
             if trimmed.is_empty() || trimmed.starts_with('#') {
                 continue;
             }
+            let raw_indent = line.len() - trimmed.len();
+            // "- key:" starts a list item whose keys sit two columns in.
+            let item = trimmed.starts_with("- ");
+            let indent = if item { raw_indent + 2 } else { raw_indent };
             if found.is_some() && indent < min_indent {
                 break;
             }
-            let indent_ok = match exact_indent {
-                Some(e) => indent == e,
-                None => indent >= min_indent,
+            let indent_ok = if top {
+                raw_indent == 0
+            } else {
+                indent >= min_indent
             };
             let key = trimmed.trim_start_matches("- ");
-            let matches = key
-                .strip_prefix(*name)
-                .and_then(|r| r.trim_start().strip_prefix(':'))
-                .is_some()
-                || key
-                    .strip_prefix(&format!("\"{name}\""))
-                    .is_some_and(|r| r.trim_start().starts_with(':'));
+            let value_of = |k: &str| {
+                key.strip_prefix(k)
+                    .and_then(|r| r.trim_start().strip_prefix(':'))
+                    .map(|r| r.trim().trim_matches('"').trim_matches('\'').to_string())
+            };
+            // "[i]=label" is the i-th item of a list.
+            let index = name
+                .strip_prefix('[')
+                .and_then(|r| r.split_once(']'))
+                .and_then(|(n, _)| n.parse::<usize>().ok());
+            let (matches, by_value) = match index {
+                Some(want_index) => {
+                    let here = item && indent_ok;
+                    if here {
+                        items_seen += 1;
+                    }
+                    (here && items_seen == want_index + 1, true)
+                }
+                None => (
+                    value_of(name).is_some() || value_of(&format!("\"{name}\"")).is_some(),
+                    false,
+                ),
+            };
             if indent_ok && matches {
-                found = Some((i + 1, indent + 1));
+                found = Some((i + 1, raw_indent + 1));
                 match want.next() {
                     Some(next) => {
                         name = next;
-                        min_indent = indent + 1;
-                        exact_indent = None;
+                        top = false;
+                        // The siblings of a list item's `name:` are its fields.
+                        min_indent = if by_value { indent } else { indent + 1 };
+                        item_indent = by_value.then_some(indent);
                     }
                     None => break,
                 }
+            } else if item_indent.is_some_and(|at| item && indent <= at) {
+                // The next list item began before the field was found: the
+                // item's own line is the best position.
+                break;
             }
         }
         match found {
@@ -271,7 +338,15 @@ impl Problems<'_> {
             Origin::File(path) => match self.file {
                 Some(f) => {
                     let parts: Vec<&str> = path.iter().map(String::as_str).collect();
-                    format!("{}: {}", f.locate(&parts), path.join("."))
+                    // "[i]=label" locates by index and shows the label.
+                    let shown = path
+                        .iter()
+                        .map(|p| match p.split_once("]=") {
+                            Some((_, label)) => format!("[{label}]"),
+                            None => format!(".{p}"),
+                        })
+                        .collect::<String>();
+                    format!("{}: {}", f.locate(&parts), shown.trim_start_matches('.'))
                 }
                 None => field.to_string(),
             },
@@ -547,6 +622,16 @@ impl Config {
             meta.insert(k, v);
         }
 
+        let checks = checks_field(&mut p, raw.checks.as_deref().unwrap_or_default());
+        let output_refresh = duration_field(
+            &mut p,
+            "output_refresh",
+            None,
+            "output-refresh",
+            &raw.output_refresh,
+            DEFAULT_OUTPUT_REFRESH,
+        );
+
         let config = Config {
             etcd: EtcdConfig {
                 endpoints,
@@ -568,6 +653,8 @@ impl Config {
             log_format,
             services,
             meta,
+            checks,
+            output_refresh,
             source: file.map(|f| f.path.clone()),
         };
         if let Err(e) = config.check_txn_limits() {
@@ -584,12 +671,13 @@ impl Config {
     /// transaction (contract rule 7), counting the longest host name.
     fn check_txn_limits(&self) -> Result<(), String> {
         let roles = self.roles.len().max(1);
-        let per_role = FIXED_KEYS_PER_ROLE + self.services.len() + self.meta.len();
+        let per_role =
+            FIXED_KEYS_PER_ROLE + self.services.len() + self.meta.len() + self.checks.len();
         let ops = roles * per_role;
         if ops > MAX_TXN_OPS {
             return Err(format!(
                 "a registration would need {ops} keys ({roles} roles x {per_role} keys each) but etcd \
-                 allows {MAX_TXN_OPS} operations per transaction; use fewer roles, services or meta keys"
+                 allows {MAX_TXN_OPS} operations per transaction; use fewer roles, services, meta keys or checks"
             ));
         }
         let dir_len = self.prefix.len() + 3 * (layout::MAX_SEGMENT_LEN + 1);
@@ -602,13 +690,17 @@ impl Config {
                     .iter()
                     .map(|(k, v)| dir_len + 5 + k.len() + v.len() + PER_OP_OVERHEAD),
             )
+            .chain(self.checks.iter().map(|c| {
+                // {"status":..,"output":<4 KiB, JSON-escaped up to 6x>,"since":..}
+                dir_len + 7 + c.name.len() + 6 * crate::check::MAX_OUTPUT + 96 + PER_OP_OVERHEAD
+            }))
             .sum::<usize>()
             + FIXED_KEYS_PER_ROLE * (dir_len + 16 + 256 + PER_OP_OVERHEAD);
         let bytes = roles * leaf_bytes * 2;
         if bytes > MAX_TXN_BYTES {
             return Err(format!(
                 "a registration would be about {bytes} bytes but etcd accepts {MAX_TXN_BYTES} per \
-                 transaction; shorten the meta values"
+                 transaction; shorten the meta values or use fewer checks or roles"
             ));
         }
         Ok(())
@@ -636,6 +728,8 @@ impl Config {
             connect_timeout: String,
             services: &'a BTreeMap<String, u16>,
             meta: &'a BTreeMap<String, String>,
+            output_refresh: String,
+            checks: Vec<BTreeMap<&'static str, String>>,
         }
         let address = match &self.address {
             AddressChoice::Explicit(ip) => format!("ip {ip}"),
@@ -672,6 +766,8 @@ impl Config {
             connect_timeout: humantime::format_duration(self.etcd.connect_timeout).to_string(),
             services: &self.services,
             meta: &self.meta,
+            output_refresh: humantime::format_duration(self.output_refresh).to_string(),
+            checks: self.checks.iter().map(check_display).collect(),
         };
         serde_yaml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
@@ -1028,6 +1124,201 @@ fn meta_input(p: &mut Problems, flags: &Common, raw: &RawConfig) -> Vec<(String,
         .collect()
 }
 
+fn check_display(c: &crate::check::Spec) -> BTreeMap<&'static str, String> {
+    use crate::check::Kind;
+    let d = |d: Duration| humantime::format_duration(d).to_string();
+    let mut m = BTreeMap::new();
+    m.insert("name", c.name.clone());
+    match &c.kind {
+        Kind::Exec(argv) => m.insert("exec", format!("{argv:?}")),
+        Kind::Shell(line) => m.insert("shell", line.clone()),
+        Kind::Http(url) => m.insert("http", url.clone()),
+        Kind::Tcp(addr) => m.insert("tcp", addr.clone()),
+    };
+    m.insert("interval", d(c.interval));
+    m.insert("timeout", d(c.timeout));
+    m.insert(
+        "thresholds",
+        format!(
+            "success_before_passing {}, failures_before_warning {}, failures_before_critical {}",
+            c.thresholds.success_before_passing,
+            c.thresholds.failures_before_warning,
+            c.thresholds.failures_before_critical
+        ),
+    );
+    if let Some(after) = c.deregister_after {
+        m.insert("deregister_after", d(after));
+    }
+    m
+}
+
+fn checks_field(p: &mut Problems, raw: &[RawCheck]) -> Vec<crate::check::Spec> {
+    use crate::check::{Kind, Spec, Thresholds};
+    let mut out = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    for (i, c) in raw.iter().enumerate() {
+        let label = c.name.clone().unwrap_or_else(|| format!("#{}", i + 1));
+        let item = format!("[{i}]={label}");
+        let origin = Origin::File(vec!["checks".into(), item.clone()]);
+        let field = format!("checks[{label}]");
+        let before = p.list.len();
+        let name = match &c.name {
+            None => {
+                p.push(&origin, &field, "has no name");
+                String::new()
+            }
+            Some(n) => {
+                if let Err(e) = validate_segment(n) {
+                    p.push(&origin, &field, format_args!("name {n:?} {e}"));
+                } else if !names.insert(n.clone()) {
+                    p.push(
+                        &origin,
+                        &field,
+                        format_args!("the name {n:?} is used by two checks"),
+                    );
+                }
+                n.clone()
+            }
+        };
+        let kinds = [
+            c.exec.is_some(),
+            c.shell.is_some(),
+            c.http.is_some(),
+            c.tcp.is_some(),
+        ];
+        let kind = match kinds.iter().filter(|k| **k).count() {
+            1 => {
+                if let Some(argv) = &c.exec {
+                    if argv.is_empty() || argv[0].is_empty() {
+                        p.push(
+                            &origin,
+                            &field,
+                            "exec needs a program: exec: [/usr/bin/check, arg]",
+                        );
+                    }
+                    Some(Kind::Exec(argv.clone()))
+                } else if let Some(line) = &c.shell {
+                    if line.trim().is_empty() {
+                        p.push(&origin, &field, "shell is empty");
+                    }
+                    Some(Kind::Shell(line.clone()))
+                } else if let Some(url) = &c.http {
+                    match reqwest::Url::parse(url) {
+                        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                        _ => p.push(
+                            &origin,
+                            &field,
+                            format_args!("http {url:?} is not an http:// or https:// URL"),
+                        ),
+                    }
+                    Some(Kind::Http(url.clone()))
+                } else if let Some(addr) = &c.tcp {
+                    let ok = addr.rsplit_once(':').is_some_and(|(h, port)| {
+                        !h.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+                    });
+                    if !ok {
+                        p.push(
+                            &origin,
+                            &field,
+                            format_args!("tcp {addr:?} is not host:port"),
+                        );
+                    }
+                    Some(Kind::Tcp(addr.clone()))
+                } else {
+                    None
+                }
+            }
+            0 => {
+                p.push(&origin, &field, "needs one of exec, shell, http or tcp");
+                None
+            }
+            _ => {
+                p.push(
+                    &origin,
+                    &field,
+                    "has more than one of exec, shell, http and tcp",
+                );
+                None
+            }
+        };
+        let dur = |p: &mut Problems, sub: &str, raw: &Option<RawDuration>, default: Duration| {
+            let at = Origin::File(vec!["checks".into(), item.clone(), sub.into()]);
+            match raw {
+                None => default,
+                Some(RawDuration::Number(n)) => {
+                    p.push(
+                        &at,
+                        &field,
+                        format_args!("{sub}: {n} has no unit; write it like {n}s"),
+                    );
+                    default
+                }
+                Some(RawDuration::Text(s)) => match humantime::parse_duration(s) {
+                    Ok(d) if !d.is_zero() => d,
+                    Ok(_) => {
+                        p.push(
+                            &at,
+                            &field,
+                            format_args!("{sub}: must be greater than zero"),
+                        );
+                        default
+                    }
+                    Err(e) => {
+                        p.push(
+                            &at,
+                            &field,
+                            format_args!("{sub}: {s:?} is not a duration ({e})"),
+                        );
+                        default
+                    }
+                },
+            }
+        };
+        let interval = dur(p, "interval", &c.interval, DEFAULT_CHECK_INTERVAL);
+        let timeout = dur(p, "timeout", &c.timeout, DEFAULT_CHECK_TIMEOUT);
+        let deregister_after = c.deregister_after.as_ref().map(|d| {
+            dur(
+                p,
+                "deregister_after",
+                &Some(d.clone()),
+                Duration::from_secs(60),
+            )
+        });
+        let mut threshold = |sub: &str, v: Option<u32>| match v {
+            Some(0) => {
+                p.push(&origin, &field, format_args!("{sub} must be at least 1"));
+                1
+            }
+            Some(n) => n,
+            None => 1,
+        };
+        let thresholds = Thresholds {
+            success_before_passing: threshold("success_before_passing", c.success_before_passing),
+            failures_before_warning: threshold(
+                "failures_before_warning",
+                c.failures_before_warning,
+            ),
+            failures_before_critical: threshold(
+                "failures_before_critical",
+                c.failures_before_critical,
+            ),
+        };
+        if let Some(kind) = kind
+            && p.list.len() == before
+        {
+            out.push(Spec {
+                name,
+                kind,
+                interval,
+                timeout,
+                thresholds,
+                deregister_after,
+            });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1102,6 +1393,52 @@ mod tests {
         assert!(text.contains(":3:1: ttl: 30 has no unit"), "{text}");
         assert!(text.contains(":5:3: services.http: port 0"), "{text}");
         assert!(text.contains(":6:1: host: \"..\""), "{text}");
+    }
+
+    #[test]
+    fn checks_are_validated_with_positions() {
+        let c = load_yaml(
+            "dc: a\nroles: [r]\nchecks:\n  - name: web\n    http: http://127.0.0.1:8080/health\n    interval: 2s\n\
+             \x20 - name: disk\n    exec: [/usr/lib/check_disk, -w, \"10%\"]\n    failures_before_critical: 3\n    deregister_after: 5m\n",
+            Common::default(),
+        )
+        .unwrap();
+        assert_eq!(c.checks.len(), 2);
+        assert_eq!(c.checks[0].interval, Duration::from_secs(2));
+        assert_eq!(c.checks[1].thresholds.failures_before_critical, 3);
+        assert_eq!(c.checks[1].deregister_after, Some(Duration::from_secs(300)));
+
+        let err = load_yaml(
+            "dc: a\nroles: [r]\nchecks:\n- name: web\n  http: ftp://x\n- name: web\n  tcp: nope\n  interval: 3\n- name: both\n  exec: [a]\n  shell: b\n- name: none\n  failures_before_warning: 0\n",
+            Common::default(),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(":4:1: checks[web]: http \"ftp://x\" is not an http"),
+            "{text}"
+        );
+        assert!(
+            text.contains(":6:1: checks[web]: the name \"web\" is used by two checks"),
+            "{text}"
+        );
+        assert!(text.contains("tcp \"nope\" is not host:port"), "{text}");
+        assert!(
+            text.contains(":8:3: checks[web].interval: interval: 3 has no unit"),
+            "{text}"
+        );
+        assert!(
+            text.contains(":9:1: checks[both]: has more than one of"),
+            "{text}"
+        );
+        assert!(
+            text.contains("needs one of exec, shell, http or tcp"),
+            "{text}"
+        );
+        assert!(
+            text.contains("failures_before_warning must be at least 1"),
+            "{text}"
+        );
     }
 
     #[test]

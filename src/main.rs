@@ -2,10 +2,13 @@
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use registrar::cli::Cli;
 use registrar::commands::{self, exit};
+use registrar::config::ConfigError;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -31,9 +34,26 @@ fn main() -> ExitCode {
         }
     };
     let cancel = CancellationToken::new();
+    let reload = Arc::new(Notify::new());
+    let reload_flags = cli.clone();
+    let reload_env = env.clone();
+    let control = commands::Control {
+        cancel: cancel.clone(),
+        reload: reload.clone(),
+        load: Some(Box::new(move || {
+            commands::load_config(&reload_flags, &reload_env).map_err(|f| {
+                match f.error.downcast::<ConfigError>() {
+                    Ok(e) => e,
+                    Err(other) => ConfigError {
+                        problems: vec![format!("{other:#}")],
+                    },
+                }
+            })
+        })),
+    };
     let result = runtime.block_on(async {
-        let signals = tokio::spawn(commands::cancel_on_signals(cancel.clone()));
-        let result = commands::run(cli, config, cancel.clone()).await;
+        let signals = tokio::spawn(commands::handle_signals(cancel.clone(), reload));
+        let result = commands::run(cli, config, control).await;
         cancel.cancel();
         match signals.await {
             Ok(Err(e)) => tracing::warn!(error = %e, "could not listen for signals"),

@@ -34,7 +34,15 @@ pub struct Spec<'a> {
     pub roles: &'a [String],
     pub services: &'a BTreeMap<String, u16>,
     pub meta: &'a BTreeMap<String, String>,
+    /// `passing`, `warning` or `critical`.
     pub health: &'a str,
+    /// Check name → its JSON value.
+    pub checks: &'a BTreeMap<String, String>,
+    /// The maintenance reason, while in maintenance.
+    pub maintenance: Option<&'a str>,
+    /// Withdrawn by `deregister_after`: only the `owner` key stays, so the
+    /// host name remains held while consumers no longer see the host.
+    pub withdrawn: bool,
 }
 
 impl Desired {
@@ -48,14 +56,22 @@ impl Desired {
                 role: role.clone(),
                 host: id.host.clone(),
             };
-            kvs.insert(dir.key(&Leaf::Ip), id.ip.to_string());
-            kvs.insert(dir.key(&Leaf::Health), spec.health.to_string());
             kvs.insert(dir.key(&Leaf::Owner), id.machine_id.clone());
-            for (name, port) in spec.services {
-                kvs.insert(dir.key(&Leaf::Service(name.clone())), port.to_string());
-            }
-            for (k, v) in spec.meta {
-                kvs.insert(dir.key(&Leaf::Meta(k.clone())), v.clone());
+            if !spec.withdrawn {
+                kvs.insert(dir.key(&Leaf::Ip), id.ip.to_string());
+                kvs.insert(dir.key(&Leaf::Health), spec.health.to_string());
+                for (name, port) in spec.services {
+                    kvs.insert(dir.key(&Leaf::Service(name.clone())), port.to_string());
+                }
+                for (k, v) in spec.meta {
+                    kvs.insert(dir.key(&Leaf::Meta(k.clone())), v.clone());
+                }
+                for (name, json) in spec.checks {
+                    kvs.insert(dir.key(&Leaf::Check(name.clone())), json.clone());
+                }
+                if let Some(reason) = spec.maintenance {
+                    kvs.insert(dir.key(&Leaf::Maintenance), reason.to_string());
+                }
             }
             dirs.push(dir);
         }
@@ -94,6 +110,8 @@ pub enum RegisterError {
     },
     #[error("the host's keys kept changing during registration; will retry")]
     Contended,
+    #[error("the host's keys are no longer on this agent's lease")]
+    Mismatch,
     #[error(transparent)]
     Etcd(#[from] EtcdError),
 }
@@ -101,7 +119,9 @@ pub enum RegisterError {
 impl RegisterError {
     pub fn class(&self) -> Class {
         match self {
-            RegisterError::Conflict { .. } | RegisterError::Contended => Class::Retry,
+            RegisterError::Conflict { .. } | RegisterError::Contended | RegisterError::Mismatch => {
+                Class::Retry
+            }
             RegisterError::Etcd(e) => e.class(),
         }
     }
@@ -112,7 +132,7 @@ impl Transient for RegisterError {
     fn is_transient(&self) -> bool {
         match self {
             RegisterError::Conflict { .. } => false,
-            RegisterError::Contended => true,
+            RegisterError::Contended | RegisterError::Mismatch => true,
             RegisterError::Etcd(e) => e.is_transient(),
         }
     }
@@ -328,6 +348,65 @@ pub async fn write(etcd: &Etcd, desired: &Desired, lease: i64) -> Result<i64, Re
         }
     }
     Err(RegisterError::Contended)
+}
+
+/// Applies a change of what the host reports, in one transaction that
+/// holds only while every directory we already own still has its `owner`
+/// key on our lease (contract rule 7: updates compare `lease == own lease`).
+/// Keys of directories new to this registration (a role added by reload)
+/// must not exist yet. Returns the revision of the write, or
+/// [`RegisterError::Mismatch`] when the registry no longer looks like ours.
+pub async fn update(
+    etcd: &Etcd,
+    old: &Desired,
+    new: &Desired,
+    lease: i64,
+) -> Result<i64, RegisterError> {
+    let old_dirs: BTreeSet<String> = old.dirs.iter().map(HostDir::dir).collect();
+    let mut compares = Vec::new();
+    for dir in &new.dirs {
+        if old_dirs.contains(&dir.dir()) {
+            compares.push(Compare::lease(
+                dir.key(&Leaf::Owner),
+                CompareOp::Equal,
+                lease,
+            ));
+        }
+    }
+    for dir in &old.dirs {
+        if !new.dirs.contains(dir) {
+            compares.push(Compare::lease(
+                dir.key(&Leaf::Owner),
+                CompareOp::Equal,
+                lease,
+            ));
+        }
+    }
+    let mut ops = Vec::new();
+    for (key, value) in &new.kvs {
+        let in_old_dir = old_dirs.iter().any(|d| key.starts_with(d.as_str()));
+        if !in_old_dir {
+            compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
+        }
+        if old.kvs.get(key) != Some(value) {
+            ops.push(TxnOp::put(
+                key.as_str(),
+                value.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            ));
+        }
+    }
+    for key in old.kvs.keys() {
+        if !new.kvs.contains_key(key) {
+            ops.push(TxnOp::delete(key.as_str(), None));
+        }
+    }
+    let resp = run_txn(etcd, "update", Txn::new().when(compares).and_then(ops)).await?;
+    if resp.succeeded() {
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    } else {
+        Err(RegisterError::Mismatch)
+    }
 }
 
 /// Outcome of a deregistration.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Failure, exit, prepare, register_failure};
+use super::{Failure, exit, one_shot_desired, prepare, register_failure};
 use crate::config::Config;
 use crate::etcd::retry_until;
 use crate::registration::{self, Deregistered};
@@ -17,9 +17,10 @@ pub async fn run(
     cancel: &CancellationToken,
 ) -> Result<(), Failure> {
     let p = prepare(config)?;
+    let desired = one_shot_desired(config, &p.identity);
     let deadline = Instant::now() + timeout;
     let outcome = tokio::select! {
-        r = retry_until(deadline, || registration::deregister(&p.etcd, &p.desired)) => {
+        r = retry_until(deadline, || registration::deregister(&p.etcd, &desired)) => {
             r.map_err(|e| register_failure(e, &p.etcd))?
         }
         _ = cancel.cancelled() => {
@@ -27,9 +28,9 @@ pub async fn run(
         }
     };
     match outcome {
-        Deregistered::Removed => tracing::info!(host = p.desired.host(), "deregistered"),
+        Deregistered::Removed => tracing::info!(host = desired.host(), "deregistered"),
         Deregistered::NothingRegistered => {
-            tracing::info!(host = p.desired.host(), "nothing was registered")
+            tracing::info!(host = desired.host(), "nothing was registered")
         }
     }
     Ok(())

@@ -6,9 +6,14 @@
 
 mod check_config;
 mod deregister;
+mod maintenance;
 mod register;
 
 use std::fmt;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
 
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +22,8 @@ use crate::cli::{Cli, Command, Common, LogFormat};
 use crate::config::{Config, ConfigError, Env};
 use crate::etcd::{Class, Etcd, EtcdError};
 use crate::identity::{Identity, IdentityError};
-use crate::registration::{Desired, RegisterError, Spec};
+use crate::registration::{Desired, RegisterError};
+use crate::report::Reload;
 
 /// The contract's exit codes (section 4).
 pub mod exit {
@@ -86,7 +92,7 @@ fn etcd_failure(e: EtcdError, etcd: &Etcd) -> Failure {
 fn register_failure(e: RegisterError, etcd: &Etcd) -> Failure {
     match e {
         RegisterError::Conflict { .. } => Failure::new(exit::CONFLICT, e),
-        RegisterError::Contended => Failure::new(exit::RUNTIME, e),
+        RegisterError::Contended | RegisterError::Mismatch => Failure::new(exit::RUNTIME, e),
         RegisterError::Etcd(e) => etcd_failure(e, etcd),
     }
 }
@@ -98,6 +104,7 @@ fn common(cli: &Cli) -> &Common {
         Command::Register(r) => &r.one_shot.common,
         Command::Deregister(d) => &d.common,
         Command::CheckConfig(c) => &c.common,
+        Command::Maintenance(m) => &m.common,
     }
 }
 
@@ -126,60 +133,114 @@ pub fn init_logging(format: LogFormat, env: &Env) {
 
 /// Everything a registering command needs, resolved before any network call.
 struct Prepared {
-    desired: Desired,
+    identity: Identity,
     etcd: Etcd,
 }
 
 fn prepare(config: &Config) -> Result<Prepared, Failure> {
-    let (dc, roles) = config.require_registration_fields()?;
+    config.require_registration_fields()?;
     let identity = Identity::resolve(config)?;
-    let desired = Desired::build(
-        &Spec {
-            prefix: &config.prefix,
-            dc: &dc,
-            roles: &roles,
-            services: &config.services,
-            meta: &config.meta,
-            health: "passing",
-        },
-        &identity,
-    );
     let etcd = Etcd::new(&config.etcd).map_err(|e| Failure::new(exit::DENIED, e))?;
-    Ok(Prepared { desired, etcd })
+    Ok(Prepared { identity, etcd })
 }
 
-/// Runs a parsed command with a validated config. `cancel` fires on
-/// SIGTERM/SIGINT (wired up by the caller).
-pub async fn run(cli: Cli, config: Config, cancel: CancellationToken) -> Result<(), Failure> {
+/// The registration a one-shot command writes: no checks are run, so health
+/// is `passing`; an active maintenance is included.
+fn one_shot_desired(config: &Config, identity: &Identity) -> Desired {
+    let (maintenance, _) =
+        crate::maintenance::active(&config.state_dir, std::time::SystemTime::now());
+    crate::report::compose(
+        config,
+        identity,
+        &crate::check::Snapshot::default(),
+        maintenance.as_deref(),
+    )
+}
+
+/// What a running command can be asked to do from outside.
+pub struct Control {
+    /// Fires on SIGTERM/SIGINT.
+    pub cancel: CancellationToken,
+    /// Notified on SIGHUP.
+    pub reload: Arc<Notify>,
+    /// Loads the configuration again (the same flags, environment and file).
+    pub load: Option<Reload>,
+}
+
+/// Runs a parsed command with a validated config.
+pub async fn run(cli: Cli, config: Config, control: Control) -> Result<(), Failure> {
+    let cancel = control.cancel.clone();
     match cli.command {
         Command::CheckConfig(_) => check_config::run(&config),
-        Command::Agent(_) => run_agent(&config, &cancel).await,
-        Command::Register(args) if args.keep_alive => run_agent(&config, &cancel).await,
+        Command::Agent(_) => run_agent(config, true, control).await,
+        Command::Register(args) if args.keep_alive => run_agent(config, false, control).await,
         Command::Register(args) => register::run(&config, args.one_shot.timeout, &cancel).await,
         Command::Deregister(args) => deregister::run(&config, args.timeout, &cancel).await,
+        Command::Maintenance(args) => maintenance::run(&config, &args.action),
     }
 }
 
-async fn run_agent(config: &Config, cancel: &CancellationToken) -> Result<(), Failure> {
-    let p = prepare(config)?;
-    let agent = Agent {
+/// The agent: checks, maintenance and reload feed the composer, whose
+/// latest registration the agent keeps in etcd.
+async fn run_agent(config: Config, with_checks: bool, control: Control) -> Result<(), Failure> {
+    let p = prepare(&config)?;
+    let tasks = TaskTracker::new();
+    let cancel = control.cancel.clone();
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let reload = control.load.map(|load| (control.reload.clone(), load));
+    let composer = tasks.spawn(crate::report::run(
+        config.clone(),
+        p.identity.clone(),
+        with_checks,
+        tx,
+        reload,
+        cancel.child_token(),
+        tasks.clone(),
+    ));
+    let mut agent = Agent {
         etcd: &p.etcd,
-        desired: p.desired,
         ttl: config.ttl,
+        desired: rx,
     };
-    agent
-        .run(cancel, &mut crate::lease::Quiet)
+    let mut observer = crate::lease::Quiet;
+    let run = agent.run(&cancel, &mut observer);
+    tokio::pin!(run);
+    let to_failure = |e: AgentError| match e {
+        AgentError::Denied(_) => Failure::new(exit::DENIED, e),
+        AgentError::Fatal(_) => Failure::new(exit::RUNTIME, e),
+    };
+    let result = tokio::select! {
+        r = &mut run => r.map_err(to_failure),
+        r = composer => {
+            // The composer ends on shutdown or when the checks cannot start;
+            // either way the agent must finish (and revoke) before we return.
+            let failure = match r {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(anyhow::anyhow!("cannot start the health checks: {e}")),
+                Err(e) => Some(anyhow::anyhow!("the check composer failed: {e}")),
+            };
+            cancel.cancel();
+            let agent_result = run.await.map_err(to_failure);
+            match failure {
+                Some(e) => Err(Failure::new(exit::RUNTIME, e)),
+                None => agent_result,
+            }
+        }
+    };
+    cancel.cancel();
+    tasks.close();
+    if tokio::time::timeout(std::time::Duration::from_secs(5), tasks.wait())
         .await
-        .map_err(|e| match e {
-            AgentError::Denied(_) => Failure::new(exit::DENIED, e),
-            AgentError::Fatal(_) => Failure::new(exit::RUNTIME, e),
-        })
+        .is_err()
+    {
+        tracing::warn!("some checks did not stop within 5s");
+    }
+    result
 }
 
-/// Waits for SIGTERM or SIGINT and fires `cancel`. SIGHUP (systemd's
-/// ExecReload) must not kill the agent without revoking its lease, so it is
-/// caught and logged: live reload is not implemented yet.
-pub async fn cancel_on_signals(cancel: CancellationToken) -> std::io::Result<()> {
+/// Waits for SIGTERM or SIGINT and fires `cancel`; SIGHUP notifies
+/// `reload` (systemd's ExecReload) and never stops the process.
+pub async fn handle_signals(cancel: CancellationToken, reload: Arc<Notify>) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -189,7 +250,8 @@ pub async fn cancel_on_signals(cancel: CancellationToken) -> std::io::Result<()>
             _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
             _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
             _ = hup.recv() => {
-                tracing::warn!("SIGHUP received: live reload is not supported yet; restart the agent to apply config changes");
+                tracing::info!("SIGHUP received; reloading the configuration");
+                reload.notify_one();
                 continue;
             }
             _ = cancel.cancelled() => return Ok(()),

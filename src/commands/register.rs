@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Failure, exit, prepare, register_failure};
+use super::{Failure, exit, one_shot_desired, prepare, register_failure};
 use crate::config::Config;
 use crate::etcd::retry_until;
 use crate::registration::{self, RegisterError};
@@ -17,13 +17,14 @@ pub async fn run(
     cancel: &CancellationToken,
 ) -> Result<(), Failure> {
     let p = prepare(config)?;
+    let desired = one_shot_desired(config, &p.identity);
     let deadline = Instant::now() + timeout;
     let work = async {
         let lease = retry_until(deadline, || registration::grant(&p.etcd, config.ttl))
             .await
             .map_err(RegisterError::Etcd)?;
         let written = retry_until(deadline, || async {
-            registration::write(&p.etcd, &p.desired, lease.id).await
+            registration::write(&p.etcd, &desired, lease.id).await
         })
         .await;
         match written {
@@ -44,11 +45,11 @@ pub async fn run(
         }
     };
     tracing::info!(
-        host = p.desired.host(),
+        host = desired.host(),
         lease = format_args!("{:x}", lease.id),
         ttl = %humantime::format_duration(lease.ttl),
         revision,
-        keys = p.desired.kvs.len(),
+        keys = desired.kvs.len(),
         "registered; the keys expire with the lease unless it is kept alive"
     );
     Ok(())

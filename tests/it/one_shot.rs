@@ -237,7 +237,10 @@ async fn unreachable_etcd_exits_69_naming_the_endpoint() {
     assert!(!logs.is_empty(), "no JSON log lines: {}", r.stderr);
     for line in logs {
         let v: serde_json::Value = serde_json::from_str(line).expect("every log line is JSON");
-        assert!(v.get("level").is_some() && v.get("fields").is_some(), "{line}");
+        assert!(
+            v.get("level").is_some() && v.get("fields").is_some(),
+            "{line}"
+        );
     }
     assert!(
         started.elapsed() < Duration::from_secs(10),

@@ -1,0 +1,209 @@
+//! What this host reports: composes the desired registration from the
+//! config, the identity, the check results and maintenance, and republishes
+//! it whenever one of them changes (including a SIGHUP reload).
+//!
+//! The agent only ever sees the latest [`Desired`] on a watch channel; it
+//! writes to etcd when that value differs from what it wrote last. So an
+//! unchanged input produces no write.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::check::{CheckSet, Snapshot};
+use crate::config::{Config, ConfigError};
+use crate::identity::Identity;
+use crate::maintenance;
+use crate::registration::{Desired, Spec};
+
+/// The JSON value of `checks/<name>`.
+pub fn check_json(r: &crate::check::Reported) -> String {
+    serde_json::json!({
+        "status": r.status,
+        "output": r.output,
+        "since": humantime::format_rfc3339_seconds(r.since).to_string(),
+    })
+    .to_string()
+}
+
+/// The registration for this config, identity, check results and maintenance.
+pub fn compose(
+    config: &Config,
+    identity: &Identity,
+    checks: &Snapshot,
+    maintenance: Option<&str>,
+) -> Desired {
+    let json: BTreeMap<String, String> = checks
+        .results
+        .iter()
+        .map(|(name, r)| (name.clone(), check_json(r)))
+        .collect();
+    let health = checks.health();
+    Desired::build(
+        &Spec {
+            prefix: &config.prefix,
+            dc: config.dc.as_deref().unwrap_or_default(),
+            roles: &config.roles,
+            services: &config.services,
+            meta: &config.meta,
+            health: health.as_str(),
+            checks: &json,
+            maintenance,
+            withdrawn: checks.withdraw.is_some(),
+        },
+        identity,
+    )
+}
+
+/// Loads the configuration again, for SIGHUP.
+pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
+/// The fields a reload cannot change on a running agent.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let e = |a: &Config, b: &Config| {
+        a.etcd.endpoints == b.etcd.endpoints
+            && a.etcd.tls == b.etcd.tls
+            && a.etcd.user == b.etcd.user
+            && a.etcd.request_timeout == b.etcd.request_timeout
+            && a.etcd.connect_timeout == b.etcd.connect_timeout
+    };
+    if !e(old, new) {
+        changed.push("the etcd connection");
+    }
+    if old.prefix != new.prefix {
+        changed.push("prefix");
+    }
+    if old.dc != new.dc {
+        changed.push("dc");
+    }
+    if old.host != new.host {
+        changed.push("host");
+    }
+    if old.address != new.address
+        || old.ipv6 != new.ipv6
+        || old.allow_loopback != new.allow_loopback
+    {
+        changed.push("the address");
+    }
+    if old.ttl != new.ttl {
+        changed.push("ttl");
+    }
+    if old.machine_id != new.machine_id || old.state_dir != new.state_dir {
+        changed.push("machine_id/state_dir");
+    }
+    changed
+}
+
+/// Runs the composer until `cancel`: starts the checks, waits for their first
+/// results, then publishes the desired registration on every change.
+pub async fn run(
+    mut config: Config,
+    identity: Identity,
+    with_checks: bool,
+    tx: watch::Sender<Option<Desired>>,
+    reload: Option<(Arc<Notify>, Reload)>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) -> Result<(), reqwest::Error> {
+    if !with_checks {
+        config.checks.clear();
+    }
+    let mut checks = CheckSet::start(&config.checks, config.output_refresh, None, &cancel, &tasks)?;
+    let mut maint = maintenance::Watcher::new(&config.state_dir);
+    let mut tick = tokio::time::interval(maintenance::POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut withdrawn = false;
+    let (notify, reload_fn) = match reload {
+        Some((n, f)) => (Some(n), Some(f)),
+        None => (None, None),
+    };
+    loop {
+        let snapshot = checks.rx.borrow_and_update().clone();
+        if snapshot.withdraw.is_some() != withdrawn {
+            withdrawn = snapshot.withdraw.is_some();
+            match &snapshot.withdraw {
+                Some(why) => tracing::warn!(
+                    "{why}: withdrawing this host's keys (the lease and owner key stay)"
+                ),
+                None => {
+                    tracing::info!("the withdrawing check passes again: restoring this host's keys")
+                }
+            }
+        }
+        if snapshot.complete {
+            let desired = compose(&config, &identity, &snapshot, maint.current());
+            tx.send_if_modified(|cur| {
+                if cur.as_ref() == Some(&desired) {
+                    false
+                } else {
+                    *cur = Some(desired);
+                    true
+                }
+            });
+        }
+        let reloaded = async {
+            match &notify {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            r = checks.rx.changed() => {
+                if r.is_err() {
+                    // The check set is gone (shutdown in progress).
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                if !maint.poll() {
+                    continue;
+                }
+            }
+            _ = reloaded => {
+                let Some(load) = &reload_fn else { continue };
+                match load() {
+                    Err(e) => tracing::error!("reload refused, the old configuration stays in force: {e}"),
+                    Ok(mut new) => {
+                        if let Err(e) = new.require_registration_fields() {
+                            tracing::error!("reload refused, the old configuration stays in force: {e}");
+                            continue;
+                        }
+                        let kept = restart_only_changes(&config, &new);
+                        if !kept.is_empty() {
+                            tracing::warn!(
+                                "reload: {} changed; that takes a restart, so the old value stays in force until then",
+                                kept.join(", ")
+                            );
+                        }
+                        if !with_checks {
+                            new.checks.clear();
+                        }
+                        let previous = checks.rx.borrow().clone();
+                        let next = CheckSet::start(&new.checks, new.output_refresh, Some((&config.checks, &previous)), &cancel, &tasks)?;
+                        checks.stop();
+                        checks = next;
+                        config.roles = new.roles;
+                        config.services = new.services;
+                        config.meta = new.meta;
+                        config.checks = new.checks;
+                        config.output_refresh = new.output_refresh;
+                        tracing::info!(
+                            roles = ?config.roles,
+                            checks = config.checks.len(),
+                            "configuration reloaded"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
