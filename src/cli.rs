@@ -56,8 +56,6 @@ pub enum Command {
 pub struct MaintenanceArgs {
     #[command(subcommand)]
     pub action: MaintenanceAction,
-    #[command(flatten)]
-    pub common: Common,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -70,9 +68,22 @@ pub enum MaintenanceAction {
         /// Leave maintenance by itself after this long, e.g. 30m.
         #[arg(long = "for", value_parser = parse_duration, value_name = "DURATION")]
         r#for: Option<Duration>,
+        #[command(flatten)]
+        common: Common,
     },
     /// Leave maintenance.
-    Off,
+    Off {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+impl MaintenanceAction {
+    pub fn common(&self) -> &Common {
+        match self {
+            MaintenanceAction::On { common, .. } | MaintenanceAction::Off { common } => common,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -60,7 +60,7 @@ pub fn set(
     let now = SystemTime::now();
     let state = State {
         reason: reason.to_string(),
-        until: for_.map(|d| humantime::format_rfc3339_seconds(now + d).to_string()),
+        until: for_.map(|d| humantime::format_rfc3339_millis(now + d).to_string()),
         since: humantime::format_rfc3339_seconds(now).to_string(),
     };
     let file = path(state_dir);

@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -156,11 +155,8 @@ pub async fn run(
             _ = cancel.cancelled() => return Ok(()),
             r = checks.rx.changed() => {
                 if r.is_err() {
-                    // The check set is gone (shutdown in progress).
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
-                    }
+                    // Only possible while shutting down.
+                    return Ok(());
                 }
             }
             _ = tick.tick() => {

@@ -102,6 +102,9 @@ impl Shared {
 pub struct CheckSet {
     pub rx: watch::Receiver<Snapshot>,
     cancel: CancellationToken,
+    /// Keeps the sender alive also when there are no checks, so that
+    /// `rx.changed()` pends instead of failing.
+    _shared: Arc<Mutex<Shared>>,
 }
 
 impl CheckSet {
@@ -149,7 +152,7 @@ impl CheckSet {
         }
         let cancel = parent.child_token();
         for spec in specs {
-            let shared = shared.clone();
+            let shared = Arc::clone(&shared);
             let spec = spec.clone();
             let http = http.clone();
             let cancel = cancel.clone();
@@ -198,7 +201,11 @@ impl CheckSet {
                 }
             });
         }
-        Ok(CheckSet { rx, cancel })
+        Ok(CheckSet {
+            rx,
+            cancel,
+            _shared: shared,
+        })
     }
 
     /// Stops every check of this set.

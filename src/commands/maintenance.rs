@@ -9,7 +9,7 @@ use crate::maintenance;
 pub fn run(config: &Config, action: &MaintenanceAction) -> Result<(), Failure> {
     let dir = &config.state_dir;
     match action {
-        MaintenanceAction::On { reason, r#for } => {
+        MaintenanceAction::On { reason, r#for, .. } => {
             let state = maintenance::set(dir, reason, *r#for)
                 .map_err(|e| Failure::new(exit::RUNTIME, e))?;
             match &state.until {
@@ -17,7 +17,7 @@ pub fn run(config: &Config, action: &MaintenanceAction) -> Result<(), Failure> {
                 None => println!("maintenance on until turned off: {}", state.reason),
             }
         }
-        MaintenanceAction::Off => {
+        MaintenanceAction::Off { .. } => {
             if maintenance::clear(dir).map_err(|e| Failure::new(exit::RUNTIME, e))? {
                 println!("maintenance off");
             } else {

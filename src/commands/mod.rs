@@ -104,7 +104,7 @@ fn common(cli: &Cli) -> &Common {
         Command::Register(r) => &r.one_shot.common,
         Command::Deregister(d) => &d.common,
         Command::CheckConfig(c) => &c.common,
-        Command::Maintenance(m) => &m.common,
+        Command::Maintenance(m) => m.action.common(),
     }
 }
 

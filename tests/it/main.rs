@@ -4,6 +4,7 @@
 mod support;
 
 mod agent;
+mod checks;
 mod faults;
 mod one_shot;
 mod security;

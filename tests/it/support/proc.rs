@@ -93,11 +93,17 @@ pub struct Agent {
 impl Agent {
     /// Starts `registrar <args>` with stderr captured to a file.
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(name: &str, args: &[S]) -> Agent {
+        let mut cmd = registrar();
+        cmd.args(args);
+        Self::spawn_command(name, cmd)
+    }
+
+    /// Starts a prepared `registrar` command with stderr captured to a file.
+    pub fn spawn_command(name: &str, mut cmd: Command) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir for the agent log");
         let log = dir.path().join("agent.log");
         let file = std::fs::File::create(&log).expect("agent log");
-        let child = registrar()
-            .args(args)
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()

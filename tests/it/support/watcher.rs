@@ -12,6 +12,7 @@ use tokio::time::Instant;
 pub struct Seen {
     pub put: bool,
     pub key: String,
+    pub value: String,
     pub revision: i64,
     pub lease: i64,
     pub at: Instant,
@@ -59,6 +60,7 @@ impl Watcher {
                                 sink.lock().expect("events").push(Seen {
                                     put: ev.event_type() == EventType::Put,
                                     key: String::from_utf8_lossy(kv.key()).into_owned(),
+                                    value: String::from_utf8_lossy(kv.value()).into_owned(),
                                     revision: kv.mod_revision(),
                                     lease: kv.lease(),
                                     at: Instant::now(),
