@@ -1442,6 +1442,34 @@ mod tests {
     }
 
     #[test]
+    fn readme_examples_are_valid_configs() {
+        let readme = include_str!("../README.md");
+        let blocks: Vec<&str> = readme
+            .split("```yaml\n")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .collect();
+        assert!(blocks.len() >= 2, "README lost its config examples");
+        for yaml in blocks {
+            match load_yaml(yaml, Common::default()) {
+                Ok(_) => {}
+                Err(e) => {
+                    // The examples point at certificates that only exist on a real host.
+                    let other: Vec<&String> = e
+                        .problems
+                        .iter()
+                        .filter(|p| !p.contains("is not a readable file"))
+                        .collect();
+                    assert!(
+                        other.is_empty(),
+                        "README example is invalid: {other:?}\n{yaml}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn unknown_field_has_position() {
         let err = load_yaml("dc: a\nbogus: 1\n", Common::default()).unwrap_err();
         let text = err.to_string();
