@@ -50,6 +50,86 @@ pub enum Command {
     /// The state is kept in the state dir, so it survives agent restarts and
     /// lease loss; the running agent picks up a change within a second.
     Maintenance(MaintenanceArgs),
+    /// List registered hosts, read at one revision.
+    ///
+    /// PATH narrows the listing: `dc1`, `dc1/web` or `dc1/web/web-1`.
+    /// Malformed keys are reported on stderr and skipped.
+    Ls(LsArgs),
+    /// Print the registry, then one line per host event (up, down, health
+    /// a→b, maintenance on/off, changed) as it happens.
+    Watch(WatchArgs),
+    /// Block until N hosts of a role are registered (a readiness gate).
+    ///
+    /// Exits 0 printing them once there are enough, 1 at --timeout
+    /// printing how many were found.
+    Wait(WaitArgs),
+}
+
+/// Output format of `ls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LsFormat {
+    Table,
+    Json,
+    Ip,
+}
+
+/// Output format of `watch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WatchFormat {
+    Text,
+    Json,
+}
+
+/// Output format of `wait`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WaitFormat {
+    Text,
+    Ip,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LsArgs {
+    /// DC[/ROLE[/HOST]] to list; everything when omitted.
+    #[arg(value_name = "PATH")]
+    pub path: Option<String>,
+    /// Only hosts whose health is passing and that are not in maintenance.
+    #[arg(long)]
+    pub healthy: bool,
+    /// table (default), json (stable schema, see README) or ip (one address per line).
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    pub output: LsFormat,
+    #[command(flatten)]
+    pub one_shot: OneShotArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    /// DC[/ROLE] to watch; everything when omitted.
+    #[arg(value_name = "PATH")]
+    pub path: Option<String>,
+    /// text (default) or json (one object per line).
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    pub output: WatchFormat,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
+    /// How many hosts to wait for.
+    #[arg(long)]
+    pub count: usize,
+    /// Count only passing hosts that are not in maintenance.
+    #[arg(long)]
+    pub healthy: bool,
+    /// Give up after this long and exit 1 [default: wait forever].
+    #[arg(long = "timeout", value_parser = parse_duration, value_name = "DURATION")]
+    pub wait_timeout: Option<Duration>,
+    /// text (default: DC/ROLE/HOST IP per line) or ip (one address per line).
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    pub output: WaitFormat,
+    #[command(flatten)]
+    pub common: Common,
 }
 
 #[derive(Debug, Clone, Args)]

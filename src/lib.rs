@@ -13,6 +13,7 @@
 //! - [`lease`]: keep-alive loop and lease-loss detection.
 //! - [`guard`]: watch on the host's own keys, to repair outside damage at once.
 //! - [`maintenance`]: the maintenance state file and its poller.
+//! - [`registry`]: the read model of the registry for ls, watch and wait.
 //! - [`report`]: composes what the host reports from config, checks and maintenance.
 //! - [`agent`]: ties it together: register, hold, re-register, revoke on shutdown.
 //! - [`commands`]: one module per command; errors → exit codes.
@@ -31,4 +32,5 @@ pub mod layout;
 pub mod lease;
 pub mod maintenance;
 pub mod registration;
+pub mod registry;
 pub mod report;

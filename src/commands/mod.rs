@@ -6,8 +6,12 @@
 
 mod check_config;
 mod deregister;
+mod follow;
+mod ls;
 mod maintenance;
 mod register;
+mod wait;
+mod watch;
 
 use std::fmt;
 use std::sync::Arc;
@@ -97,6 +101,41 @@ fn register_failure(e: RegisterError, etcd: &Etcd) -> Failure {
     }
 }
 
+/// Reports a key or value that does not follow the layout, and moves on.
+fn report_malformed(m: crate::registry::Malformed) {
+    eprintln!("registrar: skipping malformed key {}: {}", m.key, m.why);
+}
+
+/// The key prefix for a `DC[/ROLE[/HOST]]` argument of at most `depth`
+/// segments, with the segments themselves.
+fn scope(
+    config: &Config,
+    path: Option<&str>,
+    depth: usize,
+) -> Result<(String, Vec<String>), Failure> {
+    let mut key = format!("{}/", config.prefix);
+    let mut segs = Vec::new();
+    if let Some(path) = path.map(|p| p.trim_matches('/')).filter(|p| !p.is_empty()) {
+        let parts: Vec<&str> = path.split('/').collect();
+        if parts.len() > depth {
+            let want = ["DC", "DC/ROLE", "DC/ROLE/HOST"][depth - 1];
+            return Err(Failure::new(
+                exit::USAGE,
+                anyhow::anyhow!("{path:?} has {} segments; give {want}", parts.len()),
+            ));
+        }
+        for p in parts {
+            crate::layout::validate_segment(p).map_err(|e| {
+                Failure::new(exit::USAGE, anyhow::anyhow!("path segment {p:?} {e}"))
+            })?;
+            key.push_str(p);
+            key.push('/');
+            segs.push(p.to_string());
+        }
+    }
+    Ok((key, segs))
+}
+
 /// The common part of the flags of any command.
 fn common(cli: &Cli) -> &Common {
     match &cli.command {
@@ -105,6 +144,9 @@ fn common(cli: &Cli) -> &Common {
         Command::Deregister(d) => &d.common,
         Command::CheckConfig(c) => &c.common,
         Command::Maintenance(m) => m.action.common(),
+        Command::Ls(l) => &l.one_shot.common,
+        Command::Watch(w) => &w.common,
+        Command::Wait(w) => &w.common,
     }
 }
 
@@ -177,6 +219,9 @@ pub async fn run(cli: Cli, config: Config, control: Control) -> Result<(), Failu
         Command::Register(args) => register::run(&config, args.one_shot.timeout, &cancel).await,
         Command::Deregister(args) => deregister::run(&config, args.timeout, &cancel).await,
         Command::Maintenance(args) => maintenance::run(&config, &args.action),
+        Command::Ls(args) => ls::run(&config, &args).await,
+        Command::Watch(args) => watch::run(&config, &args, &cancel).await,
+        Command::Wait(args) => wait::run(&config, &args, &cancel).await,
     }
 }
 

@@ -5,6 +5,7 @@ mod support;
 
 mod agent;
 mod checks;
+mod consumers;
 mod faults;
 mod one_shot;
 mod security;

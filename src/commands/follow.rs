@@ -1,0 +1,231 @@
+//! Following the registry for `watch` and `wait`: a snapshot at one
+//! revision, then batches of host changes, one batch per etcd revision.
+//!
+//! After a broken stream it resumes from the last revision it applied + 1,
+//! through whichever endpoint answers. When that history was compacted it
+//! re-reads a snapshot and reports only the difference, so a consumer never
+//! misses or repeats an event.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use etcd_client::{EventType, GetOptions, WatchOptions, WatchStream};
+
+use crate::backoff::Backoff;
+use crate::etcd::{Class, Etcd, EtcdError, bounded};
+use crate::registry::{HostId, HostView, Malformed, Registry};
+
+/// The changes of one revision: each touched host with its state before
+/// and after that revision.
+#[derive(Debug)]
+pub struct Batch {
+    pub revision: i64,
+    pub changes: Vec<(HostId, Option<HostView>, Option<HostView>)>,
+}
+
+pub struct Follower<'a> {
+    etcd: &'a Etcd,
+    prefix: String,
+    /// The key prefix watched (the prefix narrowed by DC/ROLE).
+    scope: String,
+    pub registry: Registry,
+    /// Every event up to this revision has been applied.
+    pub revision: i64,
+    stream: Option<WatchStream>,
+    idx: usize,
+    backoff: Backoff,
+    pending: VecDeque<Batch>,
+}
+
+impl<'a> Follower<'a> {
+    /// Reads the snapshot. Malformed keys are returned for reporting.
+    pub async fn start(
+        etcd: &'a Etcd,
+        prefix: &str,
+        scope: &str,
+    ) -> Result<(Follower<'a>, Vec<Malformed>), EtcdError> {
+        let mut f = Follower {
+            etcd,
+            prefix: prefix.to_string(),
+            scope: scope.to_string(),
+            registry: Registry::default(),
+            revision: 0,
+            stream: None,
+            idx: etcd.preferred(),
+            backoff: Backoff::standard(),
+            pending: VecDeque::new(),
+        };
+        let bad = f.resnapshot().await?;
+        Ok((f, bad))
+    }
+
+    async fn resnapshot(&mut self) -> Result<Vec<Malformed>, EtcdError> {
+        let scope = self.scope.clone();
+        let resp = self
+            .etcd
+            .call("read the registry", |mut c| {
+                let scope = scope.clone();
+                async move { c.get(scope, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        let (registry, bad) = Registry::from_kvs(&self.prefix, resp.kvs());
+        self.registry = registry;
+        self.revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        Ok(bad)
+    }
+
+    async fn open(&mut self) -> Result<WatchStream, EtcdError> {
+        let endpoint = self.etcd.endpoint(self.idx).to_string();
+        let mut client = self.etcd.client_at(self.idx).await?;
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(self.revision + 1)
+            .with_progress_notify();
+        let within = self.etcd.request_timeout().max(Duration::from_secs(1));
+        bounded(
+            &endpoint,
+            "watch",
+            within,
+            client.watch(self.scope.clone(), Some(opts)),
+        )
+        .await
+    }
+
+    /// Waits for the next revision that touched a host. Malformed keys met
+    /// on the way are passed to `report`. Never gives up on an unreachable
+    /// etcd (it retries with backoff); returns only fatal errors.
+    pub async fn next(&mut self, report: &mut dyn FnMut(Malformed)) -> Result<Batch, EtcdError> {
+        if let Some(b) = self.pending.pop_front() {
+            return Ok(b);
+        }
+        loop {
+            let mut stream = match self.stream.take() {
+                Some(s) => s,
+                None => match self.open().await {
+                    Ok(s) => {
+                        self.backoff.reset();
+                        s
+                    }
+                    Err(e) if e.class() == Class::Retry => {
+                        tracing::warn!(error = %e, "cannot watch the registry; retrying");
+                        self.etcd.forget(self.idx);
+                        self.idx = self.etcd.next(self.idx);
+                        tokio::time::sleep(self.backoff.next_delay()).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
+            let msg = stream.message().await;
+            let resp = match msg {
+                Ok(Some(r)) => r,
+                Ok(None) | Err(_) => {
+                    tracing::warn!(
+                        endpoint = self.etcd.endpoint(self.idx),
+                        "watch stream lost; resuming"
+                    );
+                    self.etcd.forget(self.idx);
+                    self.idx = self.etcd.next(self.idx);
+                    continue;
+                }
+            };
+            if resp.compact_revision() > 0 {
+                // Our history is gone: diff a fresh snapshot against what we had.
+                let old = std::mem::take(&mut self.registry);
+                let bad = self.resnapshot().await?;
+                bad.into_iter().for_each(&mut *report);
+                let mut changes = Vec::new();
+                let ids: std::collections::BTreeSet<&HostId> =
+                    old.hosts.keys().chain(self.registry.hosts.keys()).collect();
+                for id in ids {
+                    let (before, after) = (old.hosts.get(id), self.registry.hosts.get(id));
+                    if before != after {
+                        changes.push((id.clone(), before.cloned(), after.cloned()));
+                    }
+                }
+                self.stream = None;
+                if !changes.is_empty() {
+                    return Ok(Batch {
+                        revision: self.revision,
+                        changes,
+                    });
+                }
+                continue;
+            }
+            if resp.canceled() {
+                self.stream = None;
+                continue;
+            }
+            // Group the response's events by revision (one transaction
+            // each) and diff every touched host per revision.
+            let events = resp.events();
+            let mut i = 0;
+            while i < events.len() {
+                let rev = events[i].kv().map(|kv| kv.mod_revision()).unwrap_or(0);
+                let mut before: BTreeMap<HostId, Option<HostView>> = BTreeMap::new();
+                while i < events.len()
+                    && events[i].kv().map(|kv| kv.mod_revision()).unwrap_or(0) == rev
+                {
+                    let ev = &events[i];
+                    i += 1;
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    let Some((dir, _)) = crate::layout::parse_key(&self.prefix, &key) else {
+                        report(Malformed {
+                            key,
+                            why: "not a registry key".into(),
+                        });
+                        continue;
+                    };
+                    let id = HostId {
+                        dc: dir.dc,
+                        role: dir.role,
+                        host: dir.host,
+                    };
+                    before
+                        .entry(id.clone())
+                        .or_insert_with(|| self.registry.hosts.get(&id).cloned());
+                    match ev.event_type() {
+                        EventType::Put => {
+                            if let Err(m) = self.registry.put(
+                                &self.prefix,
+                                kv.key(),
+                                kv.value(),
+                                kv.lease(),
+                                rev,
+                            ) {
+                                report(m);
+                            }
+                        }
+                        EventType::Delete => {
+                            self.registry.delete(&self.prefix, kv.key(), rev);
+                        }
+                    }
+                }
+                self.revision = self.revision.max(rev);
+                let changes = before
+                    .into_iter()
+                    .map(|(id, b)| {
+                        let after = self.registry.hosts.get(&id).cloned();
+                        (id, b, after)
+                    })
+                    .collect();
+                self.pending.push_back(Batch {
+                    revision: rev,
+                    changes,
+                });
+            }
+            if resp.events().is_empty()
+                && !resp.created()
+                && let Some(h) = resp.header()
+            {
+                // A progress notification: nothing is pending below it.
+                self.revision = self.revision.max(h.revision());
+            }
+            self.stream = Some(stream);
+            if let Some(b) = self.pending.pop_front() {
+                return Ok(b);
+            }
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! The registry as consumers see it: keys parsed back into hosts.
+//!
+//! Used by `ls`, `watch` and `wait`. A host is *present* only when it has
+//! both `ip` and `health` (a registration is one transaction, so this is
+//! never a half-written host; a host withdrawn by `deregister_after` keeps
+//! only `owner` and is not present). Keys or values that do not follow the
+//! layout are reported and skipped, never a panic.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::check::Status;
+use crate::layout::{HostDir, Leaf, parse_key};
+
+/// Identifies a host entry: one host in one role.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct HostId {
+    pub dc: String,
+    pub role: String,
+    pub host: String,
+}
+
+impl std::fmt::Display for HostId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.dc, self.role, self.host)
+    }
+}
+
+/// One check's reported result, as read back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckView {
+    pub status: Status,
+    pub output: String,
+    pub since: String,
+}
+
+/// Everything known about one host entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HostView {
+    pub ip: Option<IpAddr>,
+    pub health: Option<Status>,
+    pub checks: BTreeMap<String, CheckView>,
+    pub services: BTreeMap<String, u16>,
+    pub meta: BTreeMap<String, String>,
+    pub maintenance: Option<String>,
+    pub owner: Option<String>,
+    /// The lease of the host's keys (0 when none).
+    pub lease: i64,
+    /// The highest mod revision among the host's keys.
+    pub revision: i64,
+}
+
+impl HostView {
+    /// Registered and complete: consumers may use it.
+    pub fn present(&self) -> bool {
+        self.ip.is_some() && self.health.is_some()
+    }
+
+    /// Passing and not in maintenance.
+    pub fn healthy(&self) -> bool {
+        self.present() && self.health == Some(Status::Passing) && self.maintenance.is_none()
+    }
+
+    /// "2/3 passing" style summary of the checks.
+    pub fn checks_summary(&self) -> String {
+        if self.checks.is_empty() {
+            return "-".into();
+        }
+        let passing = self
+            .checks
+            .values()
+            .filter(|c| c.status == Status::Passing)
+            .count();
+        format!("{passing}/{} passing", self.checks.len())
+    }
+}
+
+/// A key or value that does not follow the layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed {
+    pub key: String,
+    pub why: String,
+}
+
+/// Hosts by id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registry {
+    pub hosts: BTreeMap<HostId, HostView>,
+}
+
+fn id_of(dir: &HostDir) -> HostId {
+    HostId {
+        dc: dir.dc.clone(),
+        role: dir.role.clone(),
+        host: dir.host.clone(),
+    }
+}
+
+impl Registry {
+    /// Applies a put of `key` = `value`. Returns the host it touched, or why
+    /// the key was skipped.
+    pub fn put(
+        &mut self,
+        prefix: &str,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+        revision: i64,
+    ) -> Result<HostId, Malformed> {
+        let key_text = String::from_utf8_lossy(key).into_owned();
+        let bad = |why: String| Malformed {
+            key: key_text.clone(),
+            why,
+        };
+        let (dir, leaf) =
+            parse_key(prefix, &key_text).ok_or_else(|| bad("not a registry key".into()))?;
+        let value = std::str::from_utf8(value).map_err(|_| bad("value is not UTF-8".into()))?;
+        let id = id_of(&dir);
+        let host = self.hosts.entry(id.clone()).or_default();
+        match leaf {
+            Leaf::Ip => {
+                host.ip = Some(
+                    value
+                        .trim()
+                        .parse()
+                        .map_err(|_| bad(format!("ip {value:?} is not an address")))?,
+                )
+            }
+            Leaf::Health => {
+                host.health = Some(Status::parse(value.trim()).ok_or_else(|| {
+                    bad(format!("health {value:?} is not passing|warning|critical"))
+                })?)
+            }
+            Leaf::Owner => host.owner = Some(value.to_string()),
+            Leaf::Maintenance => host.maintenance = Some(value.to_string()),
+            Leaf::Service(name) => {
+                let port = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(format!("port {value:?} is not a number")))?;
+                host.services.insert(name, port);
+            }
+            Leaf::Meta(name) => {
+                host.meta.insert(name, value.to_string());
+            }
+            Leaf::Check(name) => {
+                #[derive(serde::Deserialize)]
+                struct Raw {
+                    status: String,
+                    #[serde(default)]
+                    output: String,
+                    #[serde(default)]
+                    since: String,
+                }
+                let raw: Raw = serde_json::from_str(value)
+                    .map_err(|e| bad(format!("check value is not JSON: {e}")))?;
+                let status = Status::parse(&raw.status)
+                    .ok_or_else(|| bad(format!("check status {:?} is unknown", raw.status)))?;
+                host.checks.insert(
+                    name,
+                    CheckView {
+                        status,
+                        output: raw.output,
+                        since: raw.since,
+                    },
+                );
+            }
+        }
+        host.lease = lease;
+        host.revision = host.revision.max(revision);
+        Ok(id)
+    }
+
+    /// Applies a delete of `key`. Returns the host it touched, if any.
+    pub fn delete(&mut self, prefix: &str, key: &[u8], revision: i64) -> Option<HostId> {
+        let key_text = String::from_utf8_lossy(key);
+        let (dir, leaf) = parse_key(prefix, &key_text)?;
+        let id = id_of(&dir);
+        let host = self.hosts.get_mut(&id)?;
+        match leaf {
+            Leaf::Ip => host.ip = None,
+            Leaf::Health => host.health = None,
+            Leaf::Owner => host.owner = None,
+            Leaf::Maintenance => host.maintenance = None,
+            Leaf::Service(n) => {
+                host.services.remove(&n);
+            }
+            Leaf::Meta(n) => {
+                host.meta.remove(&n);
+            }
+            Leaf::Check(n) => {
+                host.checks.remove(&n);
+            }
+        }
+        host.revision = host.revision.max(revision);
+        if *host
+            == (HostView {
+                revision: host.revision,
+                lease: host.lease,
+                ..HostView::default()
+            })
+        {
+            self.hosts.remove(&id);
+        }
+        Some(id)
+    }
+
+    /// Builds the registry from a range read; malformed keys are returned
+    /// for reporting.
+    pub fn from_kvs(prefix: &str, kvs: &[etcd_client::KeyValue]) -> (Registry, Vec<Malformed>) {
+        let mut r = Registry::default();
+        let mut bad = Vec::new();
+        for kv in kvs {
+            if let Err(m) = r.put(prefix, kv.key(), kv.value(), kv.lease(), kv.mod_revision()) {
+                bad.push(m);
+            }
+        }
+        (r, bad)
+    }
+
+    /// The hosts consumers may use.
+    pub fn present(&self) -> impl Iterator<Item = (&HostId, &HostView)> {
+        self.hosts.iter().filter(|(_, h)| h.present())
+    }
+}
+
+/// A change of one host between two states, as `watch` prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Up,
+    Down,
+    Health { from: Status, to: Status },
+    MaintenanceOn(String),
+    MaintenanceOff,
+    Changed,
+}
+
+/// What happened to a host between `before` and `after` (`None` = absent).
+pub fn diff(before: Option<&HostView>, after: Option<&HostView>) -> Vec<Change> {
+    let before = before.filter(|h| h.present());
+    let after = after.filter(|h| h.present());
+    match (before, after) {
+        (None, None) => vec![],
+        (None, Some(_)) => vec![Change::Up],
+        (Some(_), None) => vec![Change::Down],
+        (Some(b), Some(a)) => {
+            let mut out = Vec::new();
+            if let (Some(from), Some(to)) = (b.health, a.health)
+                && from != to
+            {
+                out.push(Change::Health { from, to });
+            }
+            match (&b.maintenance, &a.maintenance) {
+                (None, Some(r)) => out.push(Change::MaintenanceOn(r.clone())),
+                (Some(_), None) => out.push(Change::MaintenanceOff),
+                _ => {}
+            }
+            let strip = |h: &HostView| HostView {
+                health: None,
+                maintenance: None,
+                revision: 0,
+                checks: h
+                    .checks
+                    .iter()
+                    .map(|(n, c)| {
+                        (
+                            n.clone(),
+                            CheckView {
+                                output: String::new(),
+                                since: String::new(),
+                                ..c.clone()
+                            },
+                        )
+                    })
+                    .collect(),
+                ..h.clone()
+            };
+            if out.is_empty() && strip(a) != strip(b) {
+                out.push(Change::Changed);
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &str = "/infrastructure";
+
+    fn put(r: &mut Registry, leaf: &str, v: &str) -> Result<HostId, Malformed> {
+        r.put(
+            P,
+            format!("{P}/dc1/web/h1/{leaf}").as_bytes(),
+            v.as_bytes(),
+            7,
+            1,
+        )
+    }
+
+    #[test]
+    fn a_host_is_present_only_with_ip_and_health() {
+        let mut r = Registry::default();
+        put(&mut r, "owner", "m1").unwrap();
+        assert_eq!(r.present().count(), 0);
+        put(&mut r, "ip", "10.0.0.5").unwrap();
+        assert_eq!(r.present().count(), 0);
+        put(&mut r, "health", "passing").unwrap();
+        put(
+            &mut r,
+            "checks/disk",
+            r#"{"status":"warning","output":"85%","since":"x"}"#,
+        )
+        .unwrap();
+        put(&mut r, "services/http", "8080").unwrap();
+        let (_, h) = r.present().next().unwrap();
+        assert!(h.healthy());
+        assert_eq!(h.checks_summary(), "0/1 passing");
+        assert_eq!(h.services["http"], 8080);
+        put(&mut r, "maintenance", "upgrade").unwrap();
+        assert!(!r.present().next().unwrap().1.healthy());
+    }
+
+    #[test]
+    fn malformed_keys_and_values_are_reported_not_fatal() {
+        let mut r = Registry::default();
+        for (leaf, v) in [
+            ("ip", "not-an-ip"),
+            ("health", "great"),
+            ("services/http", "eighty"),
+            ("checks/x", "{"),
+            ("checks/y", r#"{"status":"meh"}"#),
+            ("unknown", "x"),
+        ] {
+            assert!(put(&mut r, leaf, v).is_err(), "{leaf}={v} accepted");
+        }
+        let e = r
+            .put(P, b"/infrastructure/dc1/web/h1/ip", b"\xff\xfe", 0, 1)
+            .unwrap_err();
+        assert!(e.why.contains("UTF-8"));
+        assert_eq!(r.present().count(), 0);
+    }
+
+    #[test]
+    fn diff_names_host_events() {
+        let mut a = HostView {
+            ip: Some("10.0.0.5".parse().unwrap()),
+            health: Some(Status::Passing),
+            ..HostView::default()
+        };
+        assert_eq!(diff(None, Some(&a)), vec![Change::Up]);
+        assert_eq!(diff(Some(&a), None), vec![Change::Down]);
+        let mut b = a.clone();
+        b.health = Some(Status::Critical);
+        assert_eq!(
+            diff(Some(&a), Some(&b)),
+            vec![Change::Health {
+                from: Status::Passing,
+                to: Status::Critical
+            }]
+        );
+        b = a.clone();
+        b.maintenance = Some("x".into());
+        assert_eq!(
+            diff(Some(&a), Some(&b)),
+            vec![Change::MaintenanceOn("x".into())]
+        );
+        b = a.clone();
+        b.services.insert("http".into(), 80);
+        assert_eq!(diff(Some(&a), Some(&b)), vec![Change::Changed]);
+        a.revision = 9;
+        assert_eq!(diff(Some(&a), Some(&a.clone())), vec![]);
+    }
+}
