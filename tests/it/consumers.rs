@@ -520,3 +520,54 @@ async fn haproxy_config_built_from_the_registry_lists_only_healthy_hosts() {
         checked.stdout, checked.stderr
     );
 }
+
+#[tokio::test]
+async fn watch_exits_cleanly_on_a_closed_stdout_and_on_sigint() {
+    let cluster = Cluster::start(1).await;
+    let eps = cluster.endpoint_list();
+    assert_eq!(
+        run(&register_args(&eps, "web", "a", "10.0.0.1")).await.code,
+        0
+    );
+
+    // `registrar watch | head -1`: the reader goes away after one line.
+    let mut piped = registrar()
+        .args(["watch", "--endpoints", &eps])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(piped.stdout.take().unwrap()).lines();
+    let first = lines.next_line().await.unwrap().unwrap();
+    assert!(
+        first.contains("present dc1/web/a 10.0.0.1 passing"),
+        "{first}"
+    );
+    drop(lines);
+    // The next event finds the pipe closed.
+    assert_eq!(
+        run(&register_args(&eps, "web", "b", "10.0.0.2")).await.code,
+        0
+    );
+    let status = tokio::time::timeout(Duration::from_secs(10), piped.wait())
+        .await
+        .expect("watch kept running")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+
+    let mut interrupted = registrar()
+        .args(["watch", "--endpoints", &eps])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(interrupted.stdout.take().unwrap()).lines();
+    lines.next_line().await.unwrap().unwrap();
+    let pid = nix::unistd::Pid::from_raw(interrupted.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, Signal::SIGINT).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), interrupted.wait())
+        .await
+        .expect("watch ignored SIGINT")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
