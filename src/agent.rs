@@ -65,7 +65,7 @@ impl Agent<'_> {
     pub async fn run(
         &mut self,
         cancel: &CancellationToken,
-        observer: &mut dyn Observer,
+        observer: &dyn Observer,
     ) -> Result<(), AgentError> {
         let mut backoff = Backoff::standard();
         let mut lease: Option<(Lease, Instant)> = None;
@@ -91,24 +91,32 @@ impl Agent<'_> {
                         keys = reg.written.kvs.len(),
                         "{}", if registered_once { "re-registered" } else { "registered" }
                     );
+                    observer.registered(reg.lease, &reg.written, !registered_once);
                     registered_once = true;
                     match self.hold(&mut reg, cancel, observer).await {
                         Held::Cancelled => break,
                         Held::Lost(why) => {
                             tracing::warn!("{why}; granting a new lease and re-registering");
+                            observer.lost(&why);
                             lease = None;
                         }
                     }
                 }
-                Err(e) => match e.class() {
-                    Class::Auth if !registered_once => return Err(AgentError::Denied(e)),
-                    Class::Fatal if !registered_once => return Err(AgentError::Fatal(e)),
-                    Class::LeaseGone => {
-                        tracing::warn!(error = %e, "lease vanished during registration; granting a new one");
-                        lease = None;
+                Err(e) => {
+                    match &e {
+                        RegisterError::Conflict { .. } => observer.conflict(&e.to_string()),
+                        _ => observer.failed(&e.to_string(), e.class()),
                     }
-                    _ => tracing::warn!(error = %e, "registration failed; retrying"),
-                },
+                    match e.class() {
+                        Class::Auth if !registered_once => return Err(AgentError::Denied(e)),
+                        Class::Fatal if !registered_once => return Err(AgentError::Fatal(e)),
+                        Class::LeaseGone => {
+                            tracing::warn!(error = %e, "lease vanished during registration; granting a new one");
+                            lease = None;
+                        }
+                        _ => tracing::warn!(error = %e, "registration failed; retrying"),
+                    }
+                }
             }
             let delay = backoff.next_delay();
             tokio::select! {
@@ -116,6 +124,7 @@ impl Agent<'_> {
                 _ = sleep(delay) => {}
             }
         }
+        observer.stopping();
         if let Some((l, _)) = lease {
             revoke(self.etcd, l).await;
         }
@@ -157,7 +166,7 @@ impl Agent<'_> {
         &mut self,
         reg: &mut Registered,
         cancel: &CancellationToken,
-        observer: &mut dyn Observer,
+        observer: &dyn Observer,
     ) -> Held {
         let keep_alive = lease::keep_alive(self.etcd, reg.lease, reg.since, cancel, observer);
         tokio::pin!(keep_alive);
@@ -230,6 +239,7 @@ impl Agent<'_> {
                                 keys = target.kvs.len(),
                                 "{}", if rewrite { "rewrote this host's keys" } else { "updated this host's keys" }
                             );
+                            observer.updated(&target);
                             reg.written = target;
                             reg.revision = revision;
                             rewrite = false;

@@ -63,6 +63,15 @@ pub enum Command {
     /// Exits 0 printing them once there are enough, 1 at --timeout
     /// printing how many were found.
     Wait(WaitArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
+    ///
+    /// e.g. `registrar completions bash > /etc/bash_completion.d/registrar`
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `registrar man | man -l -`.
+    Man,
 }
 
 /// Output format of `ls`.
@@ -313,6 +322,10 @@ pub struct Common {
     /// Timeout of each etcd request [default: 5s].
     #[arg(long, env = "REGISTRAR_REQUEST_TIMEOUT", value_parser = parse_duration)]
     pub request_timeout: Option<Duration>,
+
+    /// Serve Prometheus metrics and /health on this address, e.g. 127.0.0.1:9477 (agent only).
+    #[arg(long, env = "REGISTRAR_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 
     /// Timeout of each TCP/TLS connect to etcd [default: 3s].
     #[arg(long, env = "REGISTRAR_CONNECT_TIMEOUT", value_parser = parse_duration)]

@@ -90,6 +90,8 @@ pub struct RawConfig {
     pub connect_timeout: Option<RawDuration>,
     /// Local health checks.
     pub checks: Option<Vec<RawCheck>>,
+    /// Address for Prometheus metrics and /health, e.g. 127.0.0.1:9477.
+    pub metrics_listen: Option<String>,
     /// How often a change of check output alone is written (default 5m).
     pub output_refresh: Option<RawDuration>,
 }
@@ -194,6 +196,7 @@ pub struct Config {
     pub meta: BTreeMap<String, String>,
     pub checks: Vec<crate::check::Spec>,
     pub output_refresh: Duration,
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The file the config came from, for messages and reload.
     pub source: Option<PathBuf>,
 }
@@ -632,6 +635,27 @@ impl Config {
             DEFAULT_OUTPUT_REFRESH,
         );
 
+        let metrics_listen = match pick(vec![
+            (
+                flags.metrics_listen.clone(),
+                Origin::Flag(flag_label("metrics-listen", "REGISTRAR_METRICS_LISTEN")),
+            ),
+            (raw.metrics_listen.clone(), file_origin("metrics_listen")),
+        ]) {
+            None => None,
+            Some((text, origin)) => match text.parse::<std::net::SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    p.push(
+                        &origin,
+                        "metrics_listen",
+                        format_args!("{text:?} is not an address:port, e.g. 127.0.0.1:9477"),
+                    );
+                    None
+                }
+            },
+        };
+
         let config = Config {
             etcd: EtcdConfig {
                 endpoints,
@@ -655,6 +679,7 @@ impl Config {
             meta,
             checks,
             output_refresh,
+            metrics_listen,
             source: file.map(|f| f.path.clone()),
         };
         if let Err(e) = config.check_txn_limits() {
@@ -730,6 +755,7 @@ impl Config {
             meta: &'a BTreeMap<String, String>,
             output_refresh: String,
             checks: Vec<BTreeMap<&'static str, String>>,
+            metrics_listen: Option<String>,
         }
         let address = match &self.address {
             AddressChoice::Explicit(ip) => format!("ip {ip}"),
@@ -768,6 +794,7 @@ impl Config {
             meta: &self.meta,
             output_refresh: humantime::format_duration(self.output_refresh).to_string(),
             checks: self.checks.iter().map(check_display).collect(),
+            metrics_listen: self.metrics_listen.map(|a| a.to_string()),
         };
         serde_yaml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }

@@ -31,12 +31,31 @@ pub enum KeepAliveEnd {
     Lost(String),
 }
 
-/// Observations of the keep-alive loop, for status reporting.
-pub trait Observer: Send {
+/// Observations of the agent, for systemd and metrics. Every method has a
+/// no-op default.
+pub trait Observer: Send + Sync {
     /// A keep-alive succeeded; etcd says the lease has `ttl` left.
-    fn alive(&mut self, _ttl: Duration) {}
+    fn alive(&self, _ttl: Duration) {}
     /// A whole TTL passed without a successful keep-alive.
-    fn unconfirmed(&mut self) {}
+    fn unconfirmed(&self) {}
+    /// The host was written with `lease`; `first` is the first time.
+    fn registered(
+        &self,
+        _lease: crate::registration::Lease,
+        _desired: &crate::registration::Desired,
+        _first: bool,
+    ) {
+    }
+    /// What the host reports changed and was written.
+    fn updated(&self, _desired: &crate::registration::Desired) {}
+    /// An etcd call failed; the agent retries.
+    fn failed(&self, _error: &str, _class: Class) {}
+    /// The host name is held by another machine; the agent retries.
+    fn conflict(&self, _message: &str) {}
+    /// The lease was lost; the agent re-registers.
+    fn lost(&self, _why: &str) {}
+    /// Shutdown began.
+    fn stopping(&self) {}
 }
 
 /// An observer that ignores everything.
@@ -61,7 +80,7 @@ pub async fn keep_alive(
     lease: Lease,
     granted_at: Instant,
     cancel: &CancellationToken,
-    observer: &mut dyn Observer,
+    observer: &dyn Observer,
 ) -> KeepAliveEnd {
     let period = period(lease.ttl);
     let mut last_ok = granted_at;
@@ -112,6 +131,7 @@ pub async fn keep_alive(
                 ));
             }
             Err(e) => {
+                observer.failed(&e.to_string(), e.class());
                 tracing::warn!(error = %e, "cannot open a keep-alive stream; trying the next endpoint")
             }
         }
@@ -172,7 +192,7 @@ async fn run_stream(
     period: Duration,
     cancel: &CancellationToken,
     last_ok: &mut Instant,
-    observer: &mut dyn Observer,
+    observer: &dyn Observer,
 ) -> StreamEnd {
     loop {
         tokio::select! {

@@ -15,6 +15,7 @@
 //! - [`maintenance`]: the maintenance state file and its poller.
 //! - [`registry`]: the read model of the registry for ls, watch and wait.
 //! - [`report`]: composes what the host reports from config, checks and maintenance.
+//! - [`telemetry`]: systemd notifications and Prometheus metrics, fed by the agent.
 //! - [`agent`]: ties it together: register, hold, re-register, revoke on shutdown.
 //! - [`commands`]: one module per command; errors → exit codes.
 #![forbid(unsafe_code)]
@@ -34,3 +35,4 @@ pub mod maintenance;
 pub mod registration;
 pub mod registry;
 pub mod report;
+pub mod telemetry;

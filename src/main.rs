@@ -13,6 +13,20 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(out) = commands::generated(&cli) {
+        return match out {
+            Ok(bytes) => {
+                use std::io::Write;
+                let mut stdout = std::io::stdout().lock();
+                let _ = stdout.write_all(&bytes).and_then(|_| stdout.flush());
+                ExitCode::from(exit::OK)
+            }
+            Err(f) => {
+                eprintln!("registrar: {f}");
+                ExitCode::from(f.code)
+            }
+        };
+    }
     let env: registrar::config::Env = std::env::vars().collect();
     let config = match commands::load_config(&cli, &env) {
         Ok(c) => c,

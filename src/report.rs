@@ -98,21 +98,44 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     changed
 }
 
+/// Everything the composer works from.
+pub struct Composer {
+    pub config: Config,
+    pub identity: Identity,
+    /// `register --keep-alive` runs no checks.
+    pub with_checks: bool,
+    pub tx: watch::Sender<Option<Desired>>,
+    /// SIGHUP notifications and how to load the config again.
+    pub reload: Option<(Arc<Notify>, Reload)>,
+    pub metrics: crate::telemetry::Metrics,
+}
+
 /// Runs the composer until `cancel`: starts the checks, waits for their first
 /// results, then publishes the desired registration on every change.
 pub async fn run(
-    mut config: Config,
-    identity: Identity,
-    with_checks: bool,
-    tx: watch::Sender<Option<Desired>>,
-    reload: Option<(Arc<Notify>, Reload)>,
+    composer: Composer,
     cancel: CancellationToken,
     tasks: TaskTracker,
 ) -> Result<(), reqwest::Error> {
+    let Composer {
+        mut config,
+        identity,
+        with_checks,
+        tx,
+        reload,
+        metrics,
+    } = composer;
     if !with_checks {
         config.checks.clear();
     }
-    let mut checks = CheckSet::start(&config.checks, config.output_refresh, None, &cancel, &tasks)?;
+    let mut checks = CheckSet::start(
+        &config.checks,
+        config.output_refresh,
+        None,
+        &cancel,
+        &tasks,
+        Some(&metrics),
+    )?;
     let mut maint = maintenance::Watcher::new(&config.state_dir);
     let mut tick = tokio::time::interval(maintenance::POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -184,7 +207,19 @@ pub async fn run(
                             new.checks.clear();
                         }
                         let previous = checks.rx.borrow().clone();
-                        let next = CheckSet::start(&new.checks, new.output_refresh, Some((&config.checks, &previous)), &cancel, &tasks)?;
+                        let next = CheckSet::start(
+                            &new.checks,
+                            new.output_refresh,
+                            Some((&config.checks, &previous)),
+                            &cancel,
+                            &tasks,
+                            Some(&metrics),
+                        )?;
+                        for old in &config.checks {
+                            if !new.checks.iter().any(|c| c.name == old.name) {
+                                metrics.check_removed(&old.name);
+                            }
+                        }
                         checks.stop();
                         checks = next;
                         config.roles = new.roles;

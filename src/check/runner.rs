@@ -116,6 +116,7 @@ impl CheckSet {
         previous: Option<(&[Spec], &Snapshot)>,
         parent: &CancellationToken,
         tasks: &TaskTracker,
+        metrics: Option<&crate::telemetry::Metrics>,
     ) -> Result<CheckSet, reqwest::Error> {
         let http = reqwest::Client::builder()
             .user_agent(concat!(
@@ -156,6 +157,7 @@ impl CheckSet {
             let spec = spec.clone();
             let http = http.clone();
             let cancel = cancel.clone();
+            let metrics = metrics.cloned();
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(spec.interval);
                 tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -169,12 +171,8 @@ impl CheckSet {
                         _ = cancel.cancelled() => return,
                         o = run_once(&spec, &http) => o,
                     };
-                    tracing::debug!(
-                        check = %spec.name,
-                        status = %outcome.status,
-                        took = ?started.elapsed(),
-                        "check ran"
-                    );
+                    let took = started.elapsed();
+                    tracing::debug!(check = %spec.name, status = %outcome.status, ?took, "check ran");
                     let Ok(mut s) = shared.lock() else { return };
                     if let Some(e) = s.entries.get_mut(&spec.name) {
                         let before = e.tracker.status;
@@ -184,6 +182,9 @@ impl CheckSet {
                             SystemTime::now(),
                             output_refresh,
                         );
+                        if let Some(m) = &metrics {
+                            m.check_ran(&spec.name, e.tracker.status, took);
+                        }
                         if before != e.tracker.status {
                             tracing::info!(
                                 check = %spec.name,

@@ -136,9 +136,34 @@ fn scope(
     Ok((key, segs))
 }
 
+/// Output of the commands that need neither config nor etcd
+/// (completions, man), or `None` for every other command.
+pub fn generated(cli: &Cli) -> Option<Result<Vec<u8>, Failure>> {
+    use clap::CommandFactory;
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "registrar", &mut out);
+            Some(Ok(out))
+        }
+        Command::Man => {
+            let mut out = Vec::new();
+            Some(
+                clap_mangen::Man::new(Cli::command())
+                    .render(&mut out)
+                    .map(|_| out)
+                    .map_err(|e| Failure::new(exit::RUNTIME, e)),
+            )
+        }
+        _ => None,
+    }
+}
+
 /// The common part of the flags of any command.
 fn common(cli: &Cli) -> &Common {
+    static NONE: std::sync::OnceLock<Common> = std::sync::OnceLock::new();
     match &cli.command {
+        Command::Completions { .. } | Command::Man => NONE.get_or_init(Common::default),
         Command::Agent(a) => &a.common,
         Command::Register(r) => &r.one_shot.common,
         Command::Deregister(d) => &d.common,
@@ -222,6 +247,8 @@ pub async fn run(cli: Cli, config: Config, control: Control) -> Result<(), Failu
         Command::Ls(args) => ls::run(&config, &args).await,
         Command::Watch(args) => watch::run(&config, &args, &cancel).await,
         Command::Wait(args) => wait::run(&config, &args, &cancel).await,
+        // Handled by `generated` before any config is loaded.
+        Command::Completions { .. } | Command::Man => Ok(()),
     }
 }
 
@@ -233,12 +260,31 @@ async fn run_agent(config: Config, with_checks: bool, control: Control) -> Resul
     let cancel = control.cancel.clone();
     let (tx, rx) = tokio::sync::watch::channel(None);
     let reload = control.load.map(|load| (control.reload.clone(), load));
+    let metrics = crate::telemetry::Metrics::new();
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            Failure::new(
+                exit::CONFIG,
+                anyhow::anyhow!("metrics_listen: cannot listen on {addr}: {e}"),
+            )
+        })?;
+        tracing::info!(%addr, "serving /metrics and /health");
+        let (m, c) = (metrics.clone(), cancel.child_token());
+        tasks.spawn(async move {
+            if let Err(e) = crate::telemetry::serve(listener, m, c).await {
+                tracing::error!(error = %e, "the metrics server failed");
+            }
+        });
+    }
     let composer = tasks.spawn(crate::report::run(
-        config.clone(),
-        p.identity.clone(),
-        with_checks,
-        tx,
-        reload,
+        crate::report::Composer {
+            config: config.clone(),
+            identity: p.identity.clone(),
+            with_checks,
+            tx,
+            reload,
+            metrics: metrics.clone(),
+        },
         cancel.child_token(),
         tasks.clone(),
     ));
@@ -247,8 +293,8 @@ async fn run_agent(config: Config, with_checks: bool, control: Control) -> Resul
         ttl: config.ttl,
         desired: rx,
     };
-    let mut observer = crate::lease::Quiet;
-    let run = agent.run(&cancel, &mut observer);
+    let observer = crate::telemetry::Telemetry::new(metrics.clone());
+    let run = agent.run(&cancel, &observer);
     tokio::pin!(run);
     let to_failure = |e: AgentError| match e {
         AgentError::Denied(_) => Failure::new(exit::DENIED, e),

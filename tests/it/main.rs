@@ -6,6 +6,7 @@ mod support;
 mod agent;
 mod checks;
 mod consumers;
+mod deploy;
 mod faults;
 mod one_shot;
 mod security;

@@ -1,0 +1,380 @@
+//! What the agent tells the outside world: systemd notifications and
+//! Prometheus metrics, both fed from one [`Telemetry`] observer.
+//!
+//! systemd: READY=1 only after the first registration (which happens after
+//! the first check results), STATUS= kept current, WATCHDOG=1 only from the
+//! keep-alive path while keep-alives succeed (so an agent that cannot keep
+//! its lease is eventually restarted), STOPPING=1 on shutdown. Without
+//! `NOTIFY_SOCKET` every notification is a no-op.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use sd_notify::NotifyState;
+use tokio::time::Instant;
+
+use crate::check::Status;
+use crate::etcd::Class;
+use crate::registration::{Desired, Lease};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    pub check: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: String,
+}
+
+#[derive(Debug, Default)]
+struct LeaseState {
+    ttl: Duration,
+    last_ok: Option<Instant>,
+    registered: bool,
+}
+
+/// The agent's metrics. Cheap to clone; every clone shares the values.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    lease_id: Gauge,
+    lease_ttl: Gauge,
+    keepalive_age: Gauge<f64, AtomicU64>,
+    registrations: Counter,
+    reregistrations: Counter,
+    check_status: Family<CheckLabels, Gauge>,
+    check_duration: Family<CheckLabels, Gauge<f64, AtomicU64>>,
+    etcd_errors: Family<ErrorLabels, Counter>,
+    state: Arc<Mutex<LeaseState>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("registrar");
+        let m = Metrics {
+            registry: Arc::new(Registry::default()),
+            lease_id: Gauge::default(),
+            lease_ttl: Gauge::default(),
+            keepalive_age: Gauge::default(),
+            registrations: Counter::default(),
+            reregistrations: Counter::default(),
+            check_status: Family::default(),
+            check_duration: Family::default(),
+            etcd_errors: Family::default(),
+            state: Arc::default(),
+        };
+        registry.register(
+            "lease_id",
+            "The id of the lease holding this host's keys (0: none)",
+            m.lease_id.clone(),
+        );
+        registry.register(
+            "lease_ttl_seconds",
+            "The TTL etcd granted for the lease",
+            m.lease_ttl.clone(),
+        );
+        registry.register(
+            "keepalive_age_seconds",
+            "Seconds since the last successful lease keep-alive",
+            m.keepalive_age.clone(),
+        );
+        registry.register(
+            "registrations",
+            "First registrations of this host",
+            m.registrations.clone(),
+        );
+        registry.register(
+            "reregistrations",
+            "Re-registrations after the lease was lost",
+            m.reregistrations.clone(),
+        );
+        registry.register(
+            "check_status",
+            "Reported status per check: 0 passing, 1 warning, 2 critical",
+            m.check_status.clone(),
+        );
+        registry.register(
+            "check_duration_seconds",
+            "How long the last run of each check took",
+            m.check_duration.clone(),
+        );
+        registry.register(
+            "etcd_errors",
+            "etcd errors by kind (retry, auth, fatal, lease_gone)",
+            m.etcd_errors.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            ..m
+        }
+    }
+
+    /// A check run finished.
+    pub fn check_ran(&self, check: &str, status: Status, took: Duration) {
+        let labels = CheckLabels {
+            check: check.to_string(),
+        };
+        let code = match status {
+            Status::Passing => 0,
+            Status::Warning => 1,
+            Status::Critical => 2,
+        };
+        self.check_status.get_or_create(&labels).set(code);
+        self.check_duration
+            .get_or_create(&labels)
+            .set(took.as_secs_f64());
+    }
+
+    /// Forgets a check removed by a reload.
+    pub fn check_removed(&self, check: &str) {
+        let labels = CheckLabels {
+            check: check.to_string(),
+        };
+        self.check_status.remove(&labels);
+        self.check_duration.remove(&labels);
+    }
+
+    pub fn etcd_error(&self, class: Class) {
+        let kind = match class {
+            Class::Retry => "retry",
+            Class::Auth => "auth",
+            Class::Fatal => "fatal",
+            Class::LeaseGone => "lease_gone",
+        };
+        self.etcd_errors
+            .get_or_create(&ErrorLabels { kind: kind.into() })
+            .inc();
+    }
+
+    /// Whether the lease is alive: registered and confirmed within its TTL.
+    pub fn lease_alive(&self) -> bool {
+        let Ok(s) = self.state.lock() else {
+            return false;
+        };
+        s.registered && s.last_ok.is_some_and(|t| t.elapsed() < s.ttl)
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        if let Ok(s) = self.state.lock() {
+            let age = s.last_ok.map(|t| t.elapsed().as_secs_f64()).unwrap_or(-1.0);
+            self.keepalive_age.set(age);
+        }
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            text = "# encoding failed\n".into();
+        }
+        text
+    }
+}
+
+/// Observes the agent: keeps systemd and the metrics current.
+pub struct Telemetry {
+    pub metrics: Metrics,
+    state: Mutex<Shown>,
+}
+
+/// What the STATUS line is built from.
+#[derive(Default)]
+struct Shown {
+    ready_sent: bool,
+    lease: Option<Lease>,
+    checks: String,
+}
+
+impl Telemetry {
+    pub fn new(metrics: Metrics) -> Telemetry {
+        Telemetry {
+            metrics,
+            state: Mutex::new(Shown::default()),
+        }
+    }
+
+    fn notify(&self, states: &[NotifyState<'_>]) {
+        if let Err(e) = sd_notify::notify(states) {
+            tracing::debug!(error = %e, "sd_notify failed");
+        }
+    }
+
+    fn status(&self, text: &str) {
+        self.notify(&[NotifyState::Status(text)]);
+    }
+
+    fn registered_status(shown: &Shown) -> String {
+        match &shown.lease {
+            Some(l) => format!(
+                "registered lease={:x} ttl={} {}",
+                l.id,
+                humantime::format_duration(l.ttl),
+                shown.checks
+            ),
+            None => "not registered".into(),
+        }
+    }
+}
+
+/// "checks 3/3 passing" for the STATUS line, from the written keys.
+fn checks_summary(desired: &Desired) -> String {
+    let Some(dir) = desired.dirs.first().map(|d| d.dir()) else {
+        return "no checks".into();
+    };
+    let statuses: Vec<String> = desired
+        .kvs
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{dir}checks/")))
+        .filter_map(|(_, v)| serde_json::from_str::<serde_json::Value>(v).ok())
+        .filter_map(|v| v["status"].as_str().map(String::from))
+        .collect();
+    if statuses.is_empty() {
+        if desired.kvs.len() == desired.dirs.len() {
+            return "withdrawn (deregister_after)".into();
+        }
+        return "no checks".into();
+    }
+    let passing = statuses.iter().filter(|s| *s == "passing").count();
+    format!("checks {passing}/{} passing", statuses.len())
+}
+
+impl crate::lease::Observer for Telemetry {
+    fn alive(&self, ttl: Duration) {
+        let _ = ttl;
+        if let Ok(mut s) = self.metrics.state.lock() {
+            s.last_ok = Some(Instant::now());
+        }
+        // Only here: the watchdog proves that keep-alives succeed.
+        self.notify(&[NotifyState::Watchdog]);
+    }
+
+    fn unconfirmed(&self) {
+        self.status("no keep-alive succeeded for a whole TTL; this host may be unregistered");
+    }
+
+    fn registered(&self, lease: Lease, desired: &Desired, first: bool) {
+        if first {
+            self.metrics.registrations.inc();
+        } else {
+            self.metrics.reregistrations.inc();
+        }
+        self.metrics.lease_id.set(lease.id);
+        self.metrics
+            .lease_ttl
+            .set(i64::try_from(lease.ttl.as_secs()).unwrap_or(i64::MAX));
+        if let Ok(mut s) = self.metrics.state.lock() {
+            s.registered = true;
+            s.ttl = lease.ttl;
+            s.last_ok = Some(Instant::now());
+        }
+        let Ok(mut shown) = self.state.lock() else {
+            return;
+        };
+        shown.lease = Some(lease);
+        shown.checks = checks_summary(desired);
+        let status = Self::registered_status(&shown);
+        if shown.ready_sent {
+            self.status(&status);
+        } else {
+            shown.ready_sent = true;
+            self.notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        }
+    }
+
+    fn updated(&self, desired: &Desired) {
+        let Ok(mut shown) = self.state.lock() else {
+            return;
+        };
+        shown.checks = checks_summary(desired);
+        self.status(&Self::registered_status(&shown));
+    }
+
+    fn failed(&self, error: &str, class: Class) {
+        self.metrics.etcd_error(class);
+        let text = match class {
+            Class::Retry => format!("etcd unreachable, retrying: {error}"),
+            Class::Auth => format!("etcd denied access: {error}"),
+            _ => format!("registration failed, retrying: {error}"),
+        };
+        self.status(&text);
+    }
+
+    fn conflict(&self, message: &str) {
+        self.status(&format!("conflict, retrying: {message}"));
+    }
+
+    fn lost(&self, why: &str) {
+        self.metrics.lease_id.set(0);
+        if let Ok(mut s) = self.metrics.state.lock() {
+            s.registered = false;
+        }
+        if let Ok(mut shown) = self.state.lock() {
+            shown.lease = None;
+        }
+        self.status(&format!("lease lost, re-registering: {why}"));
+    }
+
+    fn stopping(&self) {
+        if let Ok(mut s) = self.metrics.state.lock() {
+            s.registered = false;
+        }
+        self.notify(&[
+            NotifyState::Stopping,
+            NotifyState::Status("stopping: revoking the lease"),
+        ]);
+    }
+}
+
+/// Serves `/metrics` and `/health` until `cancel`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    cancel: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let m1 = metrics.clone();
+    let m2 = metrics;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m1.clone();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.render(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/health",
+            get(move || {
+                let m = m2.clone();
+                async move {
+                    if m.lease_alive() {
+                        (StatusCode::OK, "lease alive\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "lease not alive\n")
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+}
