@@ -157,6 +157,8 @@ pub struct Etcd {
     options: ConnectOptions,
     request_timeout: Duration,
     connect_timeout: Duration,
+    /// TLS is on but no client certificate is configured.
+    tls_without_identity: bool,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -195,7 +197,10 @@ impl Etcd {
             }
             options = options.with_tls(t);
         }
+        let tls_without_identity = config.tls.as_ref().is_some_and(|t| t.cert.is_none())
+            || (config.tls.is_none() && config.endpoints.iter().any(|e| e.starts_with("https://")));
         Ok(Etcd {
+            tls_without_identity,
             clients: Mutex::new(vec![None; config.endpoints.len()]),
             endpoints: config.endpoints.clone(),
             preferred: AtomicUsize::new(0),
@@ -203,6 +208,15 @@ impl Etcd {
             request_timeout: config.request_timeout,
             connect_timeout: config.connect_timeout,
         })
+    }
+
+    /// Whether an error that persisted until a deadline looks like etcd
+    /// refusing a TLS client without a certificate: with TLS 1.3 that shows
+    /// up only as the connection being closed after the handshake.
+    pub fn looks_like_missing_client_cert(&self, e: &EtcdError) -> bool {
+        let text = e.to_string();
+        self.tls_without_identity
+            && (text.contains("connection closed") || text.contains("operation was canceled"))
     }
 
     pub fn endpoints(&self) -> &[String] {

@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -85,8 +85,11 @@ pub async fn keep_alive(
     let period = period(lease.ttl);
     let mut last_ok = granted_at;
     let mut idx = etcd.preferred();
+    // Re-open quickly: recovery after a partition heals should take about a
+    // second, not a whole period. Jitter still spreads a fleet's attempts.
+    let retry_cap = period.min(Duration::from_secs(1));
     let mut backoff =
-        Backoff::new(Duration::from_millis(20), period).unwrap_or_else(|_| Backoff::standard());
+        Backoff::new(Duration::from_millis(20), retry_cap).unwrap_or_else(|_| Backoff::standard());
     let mut reported_unconfirmed = false;
     loop {
         let endpoint = etcd.endpoint(idx).to_string();
@@ -194,28 +197,32 @@ async fn run_stream(
     last_ok: &mut Instant,
     observer: &dyn Observer,
 ) -> StreamEnd {
+    // When the answer to the keep-alive in flight is due, if one is.
+    let mut due: Option<Instant> = None;
     loop {
+        let next_send = *last_ok + period;
         tokio::select! {
             _ = cancel.cancelled() => return StreamEnd::Cancelled,
-            _ = sleep_until(*last_ok + period) => {}
-        }
-        if let Err(e) = keeper.keep_alive().await {
-            return StreamEnd::Broken(format!("cannot send: {e}"));
-        }
-        let answer = tokio::select! {
-            _ = cancel.cancelled() => return StreamEnd::Cancelled,
-            r = timeout(period, stream.message()) => r,
-        };
-        match answer {
-            Ok(Ok(Some(resp))) if resp.ttl() <= 0 => return StreamEnd::Lost,
-            Ok(Ok(Some(resp))) => {
-                *last_ok = Instant::now();
-                observer.alive(Duration::from_secs(resp.ttl().unsigned_abs()));
+            // Listening all the time, not only after a send, notices a
+            // broken connection (a killed member) at once.
+            answer = stream.message() => match answer {
+                Ok(Some(resp)) if resp.ttl() <= 0 => return StreamEnd::Lost,
+                Ok(Some(resp)) => {
+                    due = None;
+                    *last_ok = Instant::now();
+                    observer.alive(Duration::from_secs(resp.ttl().unsigned_abs()));
+                }
+                Ok(None) => return StreamEnd::Broken("was closed by etcd".into()),
+                Err(e) if classify(&e) == Class::LeaseGone => return StreamEnd::Lost,
+                Err(e) => return StreamEnd::Broken(format!("failed: {e}")),
+            },
+            _ = sleep_until(next_send), if due.is_none() => {
+                if let Err(e) = keeper.keep_alive().await {
+                    return StreamEnd::Broken(format!("cannot send: {e}"));
+                }
+                due = Some(Instant::now() + period);
             }
-            Ok(Ok(None)) => return StreamEnd::Broken("was closed by etcd".into()),
-            Ok(Err(e)) if classify(&e) == Class::LeaseGone => return StreamEnd::Lost,
-            Ok(Err(e)) => return StreamEnd::Broken(format!("failed: {e}")),
-            Err(_) => {
+            _ = sleep_until(due.unwrap_or(next_send)), if due.is_some() => {
                 return StreamEnd::Broken(format!(
                     "was silent for {} (a paused or partitioned member)",
                     humantime::format_duration(period)

@@ -77,6 +77,15 @@ impl From<IdentityError> for Failure {
 /// Maps an etcd failure of a one-shot command to its exit code, naming the
 /// endpoints when etcd could not be reached.
 fn etcd_failure(e: EtcdError, etcd: &Etcd) -> Failure {
+    if e.class() == Class::Retry && etcd.looks_like_missing_client_cert(&e) {
+        return Failure::new(
+            exit::DENIED,
+            anyhow::anyhow!(
+                "etcd closed every TLS connection: it probably requires a client certificate; \
+                 pass --cert and --key (last error: {e})"
+            ),
+        );
+    }
     match e.class() {
         Class::Retry => Failure::new(
             exit::UNAVAILABLE,

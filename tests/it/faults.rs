@@ -1,70 +1,71 @@
-//! Faults on a 3-member cluster: the agent follows every endpoint and must
-//! not lose its registration.
+//! Faults on a 3-member cluster, with the agent given all three endpoints.
+//! Each test watches the registry independently and asserts what a
+//! consumer saw (no DELETE unless the fault outlasted the TTL), the final
+//! state, and prints the recovery time.
 
 use std::time::Duration;
 
+use etcd_client::Client;
+use nix::sys::signal::Signal;
+use tokio::time::Instant;
+
 use crate::agent::wait_keepalives;
+use crate::registered;
 use crate::support::proc::{cmd, host_args};
+use crate::support::proxy::Proxy;
 use crate::support::{Agent, Cluster, Watcher, eventually};
-use crate::{read_prefix, registered};
 
 const DIR: &str = "/infrastructure/dc1/web/h1/";
 
-#[tokio::test]
-async fn killing_the_leader_causes_no_gap() {
-    let mut cluster = Cluster::start(3).await;
-    let watcher = Watcher::start(cluster.endpoints(), "/infrastructure/").await;
-    let args = cmd(
-        "agent",
-        host_args(&cluster.endpoint_list(), "dc1", "web", "h1", "m1", "6s"),
-    );
-    let _agent = Agent::spawn("agent", &args);
-    let c0 = cluster.client_of(0).await;
-    let lease = eventually(Duration::from_secs(10), "registration", || {
-        let mut c = c0.clone();
-        async move { registered(&mut c, DIR).await }
-    })
-    .await;
-
-    let leader = cluster.leader(0).await;
-    cluster.kill(leader);
-    let survivor = (leader + 1) % 3;
-    let c = cluster.client_of(survivor).await;
-    // The lease must keep being renewed through the surviving members.
-    wait_keepalives(&c, lease, 3, Duration::from_secs(15)).await;
-
-    let mut c = c.clone();
-    assert_eq!(
-        registered(&mut c, DIR).await,
-        Ok(lease),
-        "registration changed"
-    );
-    let deletes = watcher.deletes();
-    assert!(
-        deletes.is_empty(),
-        "a watcher saw the host disappear: {deletes:?}"
-    );
+fn agent(endpoints: &str, ttl: &str) -> Agent {
+    let mut args = cmd("agent", host_args(endpoints, "dc1", "web", "h1", "m1", ttl));
+    args.extend(["--request-timeout", "1s", "--connect-timeout", "500ms"].map(String::from));
+    Agent::spawn("agent", &args)
 }
 
-#[tokio::test]
-async fn first_endpoint_dead_from_the_start_does_not_matter() {
-    let mut cluster = Cluster::start(3).await;
-    cluster.kill(0);
-    // The dead member stays first in the list.
-    let args = cmd(
-        "agent",
-        host_args(&cluster.endpoint_list(), "dc1", "web", "h1", "m1", "6s"),
-    );
-    let _agent = Agent::spawn("agent", &args);
-    let c = cluster.client_of(1).await;
-    let lease = eventually(Duration::from_secs(10), "registration", || {
+async fn wait_registered(c: &Client, within: Duration) -> i64 {
+    eventually(within, "registration", || {
         let mut c = c.clone();
         async move { registered(&mut c, DIR).await }
     })
-    .await;
-    wait_keepalives(&c, lease, 3, Duration::from_secs(10)).await;
-    let (kvs, _) = read_prefix(&mut c.clone(), DIR).await;
-    assert!(kvs.iter().all(|kv| kv.lease() == lease));
+    .await
+}
+
+/// Waits for a complete registration on a lease other than `old`.
+async fn wait_reregistered(c: &Client, old: i64, within: Duration) -> i64 {
+    eventually(within, "re-registration on a new lease", || {
+        let mut c = c.clone();
+        async move {
+            match registered(&mut c, DIR).await {
+                Ok(l) if l != old => Ok(l),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await
+}
+
+/// How long after `since` the agent logged a line containing `needle`
+/// (log lines start with an RFC 3339 timestamp).
+fn logged_after(log: &str, needle: &str, since: std::time::SystemTime) -> Option<Duration> {
+    log.lines().filter(|l| l.contains(needle)).find_map(|l| {
+        let stamp = l.split_whitespace().next()?;
+        let at = humantime::parse_rfc3339_weak(stamp.trim_end_matches('Z')).ok()?;
+        at.duration_since(since).ok()
+    })
+}
+
+/// Asserts that `lease` stays alive for `period` (longer than its TTL, so
+/// keep-alives must be landing).
+async fn stays_alive(c: &Client, lease: i64, period: Duration) {
+    let mut c = c.clone();
+    let until = Instant::now() + period;
+    while Instant::now() < until {
+        if let Ok(r) = c.lease_time_to_live(lease, None).await {
+            assert!(r.ttl() > 0, "lease {lease:x} expired");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The port of the endpoint the agent's keep-alive stream is on, from its
@@ -78,20 +79,8 @@ fn stream_port(log: &str) -> Option<u16> {
         .and_then(|p| p.parse().ok())
 }
 
-#[tokio::test]
-async fn paused_member_under_the_keepalive_stream_is_left_for_another() {
-    let cluster = Cluster::start(3).await;
-    let args = cmd(
-        "agent",
-        host_args(&cluster.endpoint_list(), "dc1", "web", "h1", "m1", "6s"),
-    );
-    let agent = Agent::spawn("agent", &args);
-    let c0 = cluster.client_of(0).await;
-    let lease = eventually(Duration::from_secs(10), "registration", || {
-        let mut c = c0.clone();
-        async move { registered(&mut c, DIR).await }
-    })
-    .await;
+/// The member serving the agent's keep-alive stream.
+async fn stream_member(cluster: &Cluster, agent: &Agent) -> usize {
     let port = eventually(
         Duration::from_secs(5),
         "the keep-alive stream's endpoint in the log",
@@ -101,39 +90,276 @@ async fn paused_member_under_the_keepalive_stream_is_left_for_another() {
         },
     )
     .await;
-    let paused = cluster
+    cluster
         .members
         .iter()
         .position(|m| m.client_port == port)
-        .expect("the stream is on a cluster member");
-    let other = (paused + 1) % 3;
-    let watcher = Watcher::start(vec![cluster.members[other].endpoint()], "/infrastructure/").await;
+        .expect("the stream is on a cluster member")
+}
 
-    // SIGSTOP: the member keeps its connections open and answers nothing.
-    cluster.signal(paused, nix::sys::signal::Signal::SIGSTOP);
-    let c = cluster.client_of(other).await;
-    // Keep-alives must continue through another member, well within the TTL.
-    wait_keepalives(&c, lease, 3, Duration::from_secs(20)).await;
-    let moved = stream_port(&agent.log()).expect("stream endpoint");
-    assert_ne!(
-        moved, port,
-        "the keep-alive stream never left the paused member"
-    );
-    cluster.signal(paused, nix::sys::signal::Signal::SIGCONT);
+/// The host's deletes seen by the independent watcher.
+fn gaps(watcher: &Watcher) -> Vec<String> {
+    watcher.deletes().into_iter().map(|e| e.key).collect()
+}
 
-    let mut c = c.clone();
+#[tokio::test]
+async fn killing_the_leader_causes_no_gap() {
+    let mut cluster = Cluster::start(3).await;
+    let watcher = Watcher::start(cluster.endpoints(), "/infrastructure/").await;
+    let _agent = agent(&cluster.endpoint_list(), "6s");
+    let c0 = cluster.client_of(0).await;
+    let lease = wait_registered(&c0, Duration::from_secs(10)).await;
+    // (How fast the stream moves is printed by the kill -9 and pause tests.)
+    let leader = cluster.leader(0).await;
+    cluster.kill(leader);
+    let c = cluster.client_of((leader + 1) % 3).await;
+    wait_keepalives(&c, lease, 2, Duration::from_secs(15)).await;
     assert_eq!(
-        registered(&mut c, DIR).await,
+        registered(&mut c.clone(), DIR).await,
         Ok(lease),
         "registration changed"
     );
     assert!(
-        watcher.deletes().is_empty(),
+        gaps(&watcher).is_empty(),
         "a watcher saw the host disappear: {:?}",
-        watcher.deletes()
+        gaps(&watcher)
+    );
+}
+
+#[tokio::test]
+async fn kill_9_of_the_member_under_the_keepalive_stream_causes_no_gap() {
+    let mut cluster = Cluster::start(3).await;
+    let agent = agent(&cluster.endpoint_list(), "6s");
+    let c0 = cluster.client_of(0).await;
+    let lease = wait_registered(&c0, Duration::from_secs(10)).await;
+    let victim = stream_member(&cluster, &agent).await;
+    let other = (victim + 1) % 3;
+    let watcher = Watcher::start(vec![cluster.members[other].endpoint()], "/infrastructure/").await;
+    let killed = std::time::SystemTime::now();
+    cluster.kill(victim);
+    let c = cluster.client_of(other).await;
+    wait_keepalives(&c, lease, 2, Duration::from_secs(15)).await;
+    eprintln!(
+        "kill -9 of the stream's member: stream reopened {:?} after the kill",
+        logged_after(&agent.log(), "keep-alive stream open", killed)
+    );
+    assert_ne!(
+        stream_member(&cluster, &agent).await,
+        victim,
+        "the stream did not move"
+    );
+    assert_eq!(registered(&mut c.clone(), DIR).await, Ok(lease));
+    assert!(gaps(&watcher).is_empty(), "{:?}", gaps(&watcher));
+}
+
+#[tokio::test]
+async fn first_endpoint_dead_from_the_start_does_not_matter() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.kill(0);
+    // The dead member stays first in the list.
+    let _agent = agent(&cluster.endpoint_list(), "6s");
+    let c = cluster.client_of(1).await;
+    let lease = wait_registered(&c, Duration::from_secs(10)).await;
+    wait_keepalives(&c, lease, 3, Duration::from_secs(12)).await;
+}
+
+#[tokio::test]
+async fn paused_member_under_the_keepalive_stream_is_left_for_another() {
+    let cluster = Cluster::start(3).await;
+    let agent = agent(&cluster.endpoint_list(), "6s");
+    let c0 = cluster.client_of(0).await;
+    let lease = wait_registered(&c0, Duration::from_secs(10)).await;
+    let paused = stream_member(&cluster, &agent).await;
+    let other = (paused + 1) % 3;
+    let watcher = Watcher::start(vec![cluster.members[other].endpoint()], "/infrastructure/").await;
+
+    // SIGSTOP: the member keeps its connections open and answers nothing.
+    let stopped = std::time::SystemTime::now();
+    cluster.signal(paused, Signal::SIGSTOP);
+    let c = cluster.client_of(other).await;
+    // Keep-alives must continue through another member, well within the TTL.
+    wait_keepalives(&c, lease, 2, Duration::from_secs(20)).await;
+    let moved = logged_after(&agent.log(), "keep-alive stream open", stopped);
+    eprintln!("paused the stream's member: stream reopened elsewhere {moved:?} after SIGSTOP");
+    assert!(
+        moved.is_some_and(|d| d < Duration::from_secs(6)),
+        "not moved within the TTL: {moved:?}"
+    );
+    assert_ne!(
+        stream_member(&cluster, &agent).await,
+        paused,
+        "the stream never left the paused member"
+    );
+    cluster.signal(paused, Signal::SIGCONT);
+    assert_eq!(
+        registered(&mut c.clone(), DIR).await,
+        Ok(lease),
+        "registration changed"
+    );
+    assert!(
+        gaps(&watcher).is_empty(),
+        "a watcher saw the host disappear: {:?}",
+        gaps(&watcher)
     );
     assert!(
         agent.log().contains("silent for"),
         "the silence was not reported"
     );
+}
+
+#[tokio::test]
+async fn whole_cluster_restart_keeps_the_registration() {
+    let mut cluster = Cluster::start(3).await;
+    let agent = agent(&cluster.endpoint_list(), "6s");
+    let c0 = cluster.client_of(0).await;
+    let lease = wait_registered(&c0, Duration::from_secs(10)).await;
+    let watcher = Watcher::start(cluster.endpoints(), "/infrastructure/").await;
+    let restarted = std::time::SystemTime::now();
+    cluster.restart_all().await;
+    let c = cluster.client_of(0).await;
+    wait_keepalives(&c, lease, 2, Duration::from_secs(15)).await;
+    eprintln!(
+        "whole-cluster restart: keep-alive stream back {:?} after the restart began",
+        logged_after(&agent.log(), "keep-alive stream open", restarted)
+    );
+    assert_eq!(
+        registered(&mut c.clone(), DIR).await,
+        Ok(lease),
+        "the lease did not survive the restart"
+    );
+    assert!(gaps(&watcher).is_empty(), "{:?}", gaps(&watcher));
+}
+
+#[tokio::test]
+async fn quorum_loss_for_two_ttls_then_recovery() {
+    let mut cluster = Cluster::start(3).await;
+    let _agent = agent(&cluster.endpoint_list(), "3s");
+    let c0 = cluster.client_of(0).await;
+    wait_registered(&c0, Duration::from_secs(10)).await;
+    cluster.kill(1);
+    cluster.kill(2);
+    // The fault itself: no quorum for two TTLs.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    cluster.start_members(&[1, 2]).await;
+    let restored = Instant::now();
+    let c = cluster.client_of(0).await;
+    let lease = wait_registered(&c, Duration::from_secs(10)).await;
+    eprintln!(
+        "quorum restored: registered again after {:?}",
+        restored.elapsed()
+    );
+    stays_alive(&c, lease, Duration::from_secs(4)).await;
+    assert!(registered(&mut c.clone(), DIR).await.is_ok());
+}
+
+/// A cluster whose members the agent reaches only through proxies.
+async fn proxied(cluster: &Cluster) -> (Vec<Proxy>, String) {
+    let mut proxies = Vec::new();
+    for m in &cluster.members {
+        proxies.push(Proxy::start(m.client_port).await);
+    }
+    let eps = proxies
+        .iter()
+        .map(Proxy::endpoint)
+        .collect::<Vec<_>>()
+        .join(",");
+    (proxies, eps)
+}
+
+#[tokio::test]
+async fn partition_shorter_than_the_ttl_causes_no_gap() {
+    let cluster = Cluster::start(3).await;
+    let (proxies, eps) = proxied(&cluster).await;
+    let watcher = Watcher::start(cluster.endpoints(), "/infrastructure/").await;
+    let agent = agent(&eps, "6s");
+    let c = cluster.client_of(0).await;
+    let lease = wait_registered(&c, Duration::from_secs(10)).await;
+    wait_keepalives(&c, lease, 1, Duration::from_secs(10)).await;
+    proxies.iter().for_each(|p| p.block(true));
+    // The fault: half a TTL of silence.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let healed = std::time::SystemTime::now();
+    proxies.iter().for_each(|p| p.block(false));
+    wait_keepalives(&c, lease, 2, Duration::from_secs(10)).await;
+    eprintln!(
+        "partition of 3s (TTL 6s): keep-alive stream back {:?} after healing",
+        logged_after(&agent.log(), "keep-alive stream open", healed)
+    );
+    assert_eq!(registered(&mut c.clone(), DIR).await, Ok(lease));
+    assert!(
+        gaps(&watcher).is_empty(),
+        "a short partition caused a gap: {:?}",
+        gaps(&watcher)
+    );
+}
+
+#[tokio::test]
+async fn partition_longer_than_the_ttl_recovers_within_two_seconds_of_healing() {
+    let cluster = Cluster::start(3).await;
+    let (proxies, eps) = proxied(&cluster).await;
+    let watcher = Watcher::start(cluster.endpoints(), "/infrastructure/").await;
+    let agent = agent(&eps, "3s");
+    let c = cluster.client_of(0).await;
+    let lease = wait_registered(&c, Duration::from_secs(10)).await;
+    proxies.iter().for_each(|p| p.block(true));
+    // The lease expires while the agent cannot reach etcd: a gap.
+    eventually(
+        Duration::from_secs(10),
+        "the lease to expire during the partition",
+        || {
+            let n = watcher.deletes().len();
+            async move {
+                if n > 0 {
+                    Ok(())
+                } else {
+                    Err("no DELETE yet".to_string())
+                }
+            }
+        },
+    )
+    .await;
+    proxies.iter().for_each(|p| p.block(false));
+    let healed = Instant::now();
+    let new = wait_reregistered(&c, lease, Duration::from_secs(10)).await;
+    let took = healed.elapsed();
+    eprintln!("partition longer than the TTL: re-registered {took:?} after healing");
+    assert!(
+        took <= Duration::from_millis(2500),
+        "recovery took {took:?}; log:\n{}",
+        agent.log()
+    );
+    stays_alive(&c, new, Duration::from_secs(4)).await;
+}
+
+#[tokio::test]
+async fn agent_paused_longer_than_the_ttl_re_registers_when_continued() {
+    let cluster = Cluster::start(3).await;
+    let watcher = Watcher::start(cluster.endpoints(), "/infrastructure/").await;
+    let agent = agent(&cluster.endpoint_list(), "3s");
+    let c = cluster.client_of(0).await;
+    let lease = wait_registered(&c, Duration::from_secs(10)).await;
+    agent.signal(Signal::SIGSTOP);
+    eventually(
+        Duration::from_secs(10),
+        "the lease to expire while the agent is stopped",
+        || {
+            let n = watcher.deletes().len();
+            async move {
+                if n > 0 {
+                    Ok(())
+                } else {
+                    Err("no DELETE yet".to_string())
+                }
+            }
+        },
+    )
+    .await;
+    agent.signal(Signal::SIGCONT);
+    let continued = Instant::now();
+    let new = wait_reregistered(&c, lease, Duration::from_secs(10)).await;
+    eprintln!(
+        "agent paused past its TTL: re-registered {:?} after SIGCONT",
+        continued.elapsed()
+    );
+    stays_alive(&c, new, Duration::from_secs(4)).await;
 }

@@ -308,6 +308,29 @@ impl Cluster {
         self.wait_healthy().await;
     }
 
+    /// Restarts every member at once (a whole-cluster restart) and waits
+    /// until all serve again.
+    pub async fn restart_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+        for i in 0..self.members.len() {
+            self.spawn(i);
+        }
+        self.wait_healthy().await;
+    }
+
+    /// Starts the given killed members again together (quorum may need
+    /// more than one) and waits until every running member serves.
+    pub async fn start_members(&mut self, which: &[usize]) {
+        for &i in which {
+            if self.members[i].child.is_none() {
+                self.spawn(i);
+            }
+        }
+        self.wait_healthy().await;
+    }
+
     /// Sends a signal (SIGSTOP/SIGCONT) to member `i`.
     pub fn signal(&self, i: usize, sig: Signal) {
         if let Some(pid) = self.members[i].pid() {

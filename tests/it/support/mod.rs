@@ -9,6 +9,7 @@
 
 pub mod etcd;
 pub mod proc;
+pub mod proxy;
 pub mod watcher;
 
 use std::future::Future;
