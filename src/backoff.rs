@@ -111,4 +111,19 @@ mod tests {
             seen.len()
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn every_delay_is_within_its_ceiling(base_ms in 1u64..5_000, extra_ms in 0u64..60_000, attempts in 0usize..100) {
+            let base = Duration::from_millis(base_ms);
+            let max = base + Duration::from_millis(extra_ms);
+            let mut b = Backoff::new(base, max).unwrap();
+            for _ in 0..attempts {
+                let ceiling = b.ceiling();
+                proptest::prop_assert!(ceiling <= max && ceiling >= base);
+                let d = b.next_delay();
+                proptest::prop_assert!(d >= Duration::from_millis(1) && d <= ceiling);
+            }
+        }
+    }
 }

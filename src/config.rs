@@ -199,6 +199,9 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The file the config came from, for messages and reload.
     pub source: Option<PathBuf>,
+    /// Things worth a warning that do not make the config invalid (logged
+    /// once logging is set up).
+    pub warnings: Vec<String>,
 }
 
 /// Every problem found in a configuration, reported together.
@@ -491,6 +494,18 @@ impl Config {
             ),
             (raw.password_file.clone(), file_origin("password_file")),
         ]);
+        let mut warnings = Vec::new();
+        if let Some((file, _)) = &password_file
+            && let Some(w) = readable_by_others(file, "password file")
+        {
+            warnings.push(w);
+        }
+        if let (Some(f), Some((u, Origin::File(_)))) = (file, &user)
+            && u.contains(':')
+            && let Some(w) = readable_by_others(&f.path, "config file with a password")
+        {
+            warnings.push(w);
+        }
         let user = validate_user(&mut p, user, password_file);
 
         let request_timeout = duration_field(
@@ -681,6 +696,7 @@ impl Config {
             output_refresh,
             metrics_listen,
             source: file.map(|f| f.path.clone()),
+            warnings,
         };
         if let Err(e) = config.check_txn_limits() {
             p.list.push(e);
@@ -902,6 +918,19 @@ mod http_uri {
             Ok(Uri)
         }
     }
+}
+
+/// A warning when `path` can be read by users other than its owner.
+fn readable_by_others(path: &Path, what: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o044 != 0).then(|| {
+        format!(
+            "{what} {} is readable by other users (mode {:o}); run chmod 600 on it",
+            path.display(),
+            mode & 0o777
+        )
+    })
 }
 
 fn validate_user(
@@ -1553,5 +1582,94 @@ mod tests {
         assert!(!format!("{c:?}").contains("s3cr3t-pw"));
         assert!(!c.to_display_yaml().contains("s3cr3t-pw"));
         assert!(c.to_display_yaml().contains("root (password hidden)"));
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const FIELDS: &[&str] = &[
+            "endpoints",
+            "prefix",
+            "dc",
+            "roles",
+            "host",
+            "ip",
+            "interface",
+            "cidr",
+            "ipv6",
+            "allow_loopback",
+            "ttl",
+            "machine_id",
+            "cacert",
+            "cert",
+            "key",
+            "user",
+            "password_file",
+            "state_dir",
+            "log_format",
+            "services",
+            "meta",
+            "request_timeout",
+            "connect_timeout",
+            "checks",
+            "output_refresh",
+            "metrics_listen",
+            "name",
+            "exec",
+            "shell",
+            "http",
+            "tcp",
+            "interval",
+            "timeout",
+            "deregister_after",
+            "failures_before_critical",
+            "bogus",
+        ];
+
+        /// YAML values built from the config's own field names and
+        /// assorted scalars, so parsing gets past the first line.
+        fn value() -> impl Strategy<Value = serde_yaml::Value> {
+            let leaf = prop_oneof![
+                Just(serde_yaml::Value::Null),
+                any::<bool>().prop_map(serde_yaml::Value::Bool),
+                any::<i64>().prop_map(|n| serde_yaml::Value::Number(n.into())),
+                any::<f64>().prop_map(|n| serde_yaml::Value::Number(n.into())),
+                ".{0,40}".prop_map(serde_yaml::Value::String),
+                "[0-9]{1,4}(ms|s|m|h)?".prop_map(serde_yaml::Value::String),
+            ];
+            leaf.prop_recursive(3, 24, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4)
+                        .prop_map(serde_yaml::Value::Sequence),
+                    proptest::collection::vec((proptest::sample::select(FIELDS), inner), 0..6)
+                        .prop_map(|kv| {
+                            serde_yaml::Value::Mapping(
+                                kv.into_iter()
+                                    .map(|(k, v)| (serde_yaml::Value::String(k.to_string()), v))
+                                    .collect(),
+                            )
+                        }),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn arbitrary_text_never_panics(text in ".{0,300}") {
+                let _ = load_yaml(&text, Common::default());
+            }
+
+            #[test]
+            fn arbitrary_yaml_never_panics(v in value()) {
+                let text = serde_yaml::to_string(&v).unwrap_or_default();
+                match load_yaml(&text, Common::default()) {
+                    Ok(c) => { let _ = c.to_display_yaml(); }
+                    Err(e) => prop_assert!(!e.problems.is_empty()),
+                }
+            }
+        }
     }
 }

@@ -219,4 +219,46 @@ mod tests {
         assert!(validate_prefix("/a/").is_err());
         assert!(validate_prefix("/").is_err());
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn segment() -> impl Strategy<Value = String> {
+            "[A-Za-z0-9._-]{1,128}".prop_filter("not . or ..", |s| s != "." && s != "..")
+        }
+
+        fn leaf() -> impl Strategy<Value = Leaf> {
+            prop_oneof![
+                Just(Leaf::Ip),
+                Just(Leaf::Health),
+                Just(Leaf::Owner),
+                Just(Leaf::Maintenance),
+                segment().prop_map(Leaf::Check),
+                segment().prop_map(Leaf::Service),
+                segment().prop_map(Leaf::Meta),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn keys_parse_back_to_what_built_them(
+                prefix in proptest::collection::vec(segment(), 1..3),
+                dc in segment(), role in segment(), host in segment(), leaf in leaf(),
+            ) {
+                let prefix = format!("/{}", prefix.join("/"));
+                prop_assert!(validate_prefix(&prefix).is_ok());
+                let dir = HostDir { prefix: prefix.clone(), dc, role, host };
+                let key = dir.key(&leaf);
+                prop_assert_eq!(parse_key(&prefix, &key), Some((dir, leaf)));
+            }
+
+            #[test]
+            fn parsing_any_key_never_panics(key in ".{0,300}") {
+                let _ = parse_key("/infrastructure", &key);
+                let _ = validate_segment(&key);
+                let _ = validate_prefix(&key);
+            }
+        }
+    }
 }

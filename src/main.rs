@@ -36,6 +36,9 @@ fn main() -> ExitCode {
         }
     };
     commands::init_logging(config.log_format, &env);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     // One thread is plenty for one host's agent and keeps it small.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

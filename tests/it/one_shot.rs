@@ -315,7 +315,7 @@ async fn bad_config_and_flags_exit_78_or_2_naming_the_field_and_write_nothing() 
         a
     };
     let base = |extra: &[&str]| -> Vec<String> { no_ip(&[&["--ip", "127.0.0.1"], extra].concat()) };
-    let cases: Vec<(Vec<String>, i32, &str)> = vec![
+    let mut cases: Vec<(Vec<String>, i32, &str)> = vec![
         (
             base(&["--dc", "a/b", "--role", "web"]),
             78,
@@ -435,6 +435,199 @@ async fn bad_config_and_flags_exit_78_or_2_naming_the_field_and_write_nothing() 
             "127.0.0.1 is a loopback",
         ),
     ];
+    // Config files, each with one problem.
+    let yaml_cases: Vec<(&str, &str)> = vec![
+        (
+            "checks:\n  - {name: a, exec: ['true']}\n  - {name: a, exec: ['true']}\n",
+            "the name \"a\" is used by two checks",
+        ),
+        (
+            "checks:\n  - {name: a}\n",
+            "needs one of exec, shell, http or tcp",
+        ),
+        ("checks:\n  - {exec: ['true']}\n", "has no name"),
+        (
+            "checks:\n  - {name: a/b, exec: ['true']}\n",
+            "name \"a/b\" contains '/'",
+        ),
+        (
+            "checks:\n  - {name: a, exec: ['true'], interval: fast}\n",
+            "interval: \"fast\" is not a duration",
+        ),
+        (
+            "checks:\n  - {name: a, exec: ['true'], timeout: 0s}\n",
+            "timeout: must be greater than zero",
+        ),
+        (
+            "checks:\n  - {name: a, http: 'not a url'}\n",
+            "is not an http:// or https:// URL",
+        ),
+        (
+            "checks:\n  - {name: a, tcp: localhost}\n",
+            "tcp \"localhost\" is not host:port",
+        ),
+        ("checks:\n  - {name: a, exec: []}\n", "exec needs a program"),
+        ("checks:\n  - {name: a, shell: ''}\n", "shell is empty"),
+        (
+            "checks:\n  - {name: a, exec: ['true'], failures_before_critical: 0}\n",
+            "failures_before_critical must be at least 1",
+        ),
+        (
+            "checks:\n  - {name: a, exec: ['true'], failures_before_critical: -1}\n",
+            "checks[0].failures_before_critical: invalid type: integer `-1`",
+        ),
+        (
+            "checks:\n  - {name: a, exec: ['true'], deregister_after: soon}\n",
+            "deregister_after: \"soon\" is not a duration",
+        ),
+        (
+            "checks:\n  - {name: a, exec: ['true'], retries: 3}\n",
+            "unknown field `retries`",
+        ),
+        ("checks: {a: b}\n", "checks: invalid type"),
+        ("services: [http]\n", "services: invalid type"),
+        (
+            "services:\n  'ht tp': 80\n",
+            "service name \"ht tp\" contains ' '",
+        ),
+        ("meta:\n  'a/b': x\n", "meta key \"a/b\" contains '/'"),
+        ("ttl: -5s\n", "ttl: \"-5s\" is not a duration"),
+        ("ttl: 48h\n", "is longer than 24h"),
+        (
+            "output_refresh: 0s\n",
+            "output_refresh: must be greater than zero",
+        ),
+        (
+            "prefix: infrastructure\n",
+            "prefix: \"infrastructure\" must start with '/'",
+        ),
+        (
+            "prefix: /infrastructure/\n",
+            "prefix: \"/infrastructure/\" segment \"\" is empty",
+        ),
+        (
+            "metrics_listen: nowhere\n",
+            "metrics_listen: \"nowhere\" is not an address:port",
+        ),
+        (
+            "cacert: /nonexistent/ca.pem\n",
+            "cacert: /nonexistent/ca.pem is not a readable file",
+        ),
+        ("log_format: xml\n", "log_format: unknown variant `xml`"),
+        ("dc: [a]\n", "dc: invalid type"),
+        ("allow_loopback: maybe\n", "allow_loopback: invalid type"),
+        ("\tdc: a\n", "found character that cannot start any token"),
+        ("- a\n- b\n", "invalid type: sequence"),
+        (
+            "user: root\npassword_file: /nonexistent/pw\n",
+            "password_file: cannot read /nonexistent/pw",
+        ),
+    ];
+    for (i, (yaml, needle)) in yaml_cases.into_iter().enumerate() {
+        let text = if yaml.contains("dc:") || yaml.starts_with('-') || yaml.starts_with('\t') {
+            yaml.to_string()
+        } else {
+            format!("dc: dc1\nroles: [web]\n{yaml}")
+        };
+        let path = file(&format!("case{i}.yaml"), &text);
+        cases.push((base(&["--config", &path]), 78, needle));
+    }
+    // More flags.
+    cases.extend([
+        (
+            base(&["--dc", "dc1", "--role", "web", "--request-timeout", "0s"]),
+            78,
+            "--request-timeout (or REGISTRAR_REQUEST_TIMEOUT): must be greater than zero",
+        ),
+        (
+            base(&["--dc", "dc1", "--role", "web", "--connect-timeout", "abc"]),
+            2,
+            "--connect-timeout",
+        ),
+        (
+            base(&["--dc", "dc1", "--role", "web", "--log-format", "xml"]),
+            2,
+            "--log-format",
+        ),
+        (
+            base(&[
+                "--dc",
+                "dc1",
+                "--role",
+                "web",
+                "--cert",
+                "/nonexistent/c.pem",
+            ]),
+            78,
+            "a client certificate needs both cert and key",
+        ),
+        (
+            base(&["--dc", "dc1", "--role", "web", "--meta", "novalue"]),
+            78,
+            "is not KEY=VALUE",
+        ),
+        (
+            base(&["--dc", "dc1", "--role", "web", "--service", "http=0"]),
+            78,
+            "port 0 of service \"http\"",
+        ),
+        (
+            base(&["--dc", "dc1", "--role", "web", "--metrics-listen", "9477"]),
+            78,
+            "--metrics-listen",
+        ),
+        (
+            [
+                "register",
+                "--endpoints",
+                eps.as_str(),
+                "--dc",
+                "dc1",
+                "--role",
+                "web",
+                "--host",
+                "h1",
+                "--ip",
+                "10.1.1.1",
+                "--machine-id",
+                "has space",
+            ]
+            .map(String::from)
+            .to_vec(),
+            78,
+            "--machine-id (or REGISTRAR_MACHINE_ID): \"has space\" is not a machine id",
+        ),
+        (
+            base(&["--dc", "dc1", "--role", "web", "--timeout", "soon"]),
+            2,
+            "--timeout",
+        ),
+        (
+            base(&[
+                "--dc",
+                "dc1",
+                "--role",
+                "web",
+                "--endpoints",
+                "http://10.0.0.1:2379/v3",
+            ]),
+            78,
+            "\"http://10.0.0.1:2379/v3\" is not an etcd URL",
+        ),
+        (
+            base(&[
+                "--dc",
+                "dc1",
+                "--role",
+                "web",
+                "--endpoints",
+                "http://10.0.0.1:99999",
+            ]),
+            78,
+            "\"http://10.0.0.1:99999\" is not an etcd URL",
+        ),
+    ]);
+    assert!(cases.len() >= 40, "only {} bad-input cases", cases.len());
     let mut c = cluster.client().await;
     for (args, code, needle) in cases {
         let r = run(&args).await;

@@ -221,3 +221,101 @@ async fn auth_with_least_privilege_and_expiring_tokens() {
         "the password appeared in the log"
     );
 }
+
+#[tokio::test]
+async fn readable_secrets_are_warned_about_and_never_printed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("password");
+    std::fs::write(&pw, "pw-in-file-secret\n").unwrap();
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = dir.path().join("registrar.yaml");
+    std::fs::write(
+        &cfg,
+        "dc: dc1\nroles: [web]\nuser: admin:pw-in-config-secret\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let dead = format!("http://127.0.0.1:{}", crate::support::free_port());
+
+    // Password file readable by others: warned about; the password appears nowhere.
+    let mut args = cmd(
+        "register",
+        host_args(&dead, "dc1", "web", "h1", "m1", "10s"),
+    );
+    args.extend(
+        [
+            "--user",
+            "admin",
+            "--password-file",
+            pw.to_str().unwrap(),
+            "--timeout",
+            "1s",
+        ]
+        .map(String::from),
+    );
+    let r = run(&args).await;
+    assert_eq!(r.code, 69, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("password file") && r.stderr.contains("readable by other users"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("pw-in-file-secret") && !r.stdout.contains("pw-in-file-secret"));
+
+    // A config file holding a password, readable by others.
+    let r = run(&[
+        "check-config",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--host",
+        "h1",
+        "--ip",
+        "10.0.0.1",
+        "--machine-id",
+        "m1",
+    ])
+    .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("config file with a password") && r.stderr.contains("chmod 600"),
+        "{}",
+        r.stderr
+    );
+    for out in [&r.stdout, &r.stderr] {
+        assert!(
+            !out.contains("pw-in-config-secret"),
+            "password printed: {out}"
+        );
+    }
+    // Errors do not carry it either.
+    let r = run(&[
+        "register",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--endpoints",
+        &dead,
+        "--host",
+        "h1",
+        "--ip",
+        "10.0.0.1",
+        "--machine-id",
+        "m1",
+        "--timeout",
+        "1s",
+        "--log-format",
+        "json",
+    ])
+    .await;
+    assert_eq!(r.code, 69);
+    assert!(!r.stderr.contains("pw-in-config-secret"), "{}", r.stderr);
+
+    // Private files: no warning.
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let r = run(&args).await;
+    assert!(
+        !r.stderr.contains("readable by other users"),
+        "{}",
+        r.stderr
+    );
+}
