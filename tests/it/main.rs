@@ -10,6 +10,7 @@ mod deploy;
 mod faults;
 mod one_shot;
 mod security;
+mod soak;
 
 use std::collections::BTreeSet;
 
