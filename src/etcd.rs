@@ -67,8 +67,8 @@ impl EtcdError {
     }
 }
 
-/// The text of an error and all its sources, for classification.
-fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+/// The text of an error and all its sources, for classification and messages.
+pub fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {

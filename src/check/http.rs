@@ -28,7 +28,10 @@ pub async fn run(client: &reqwest::Client, url: &str, timeout: Duration) -> Outc
             };
             Outcome::new(status, text)
         }
-        Ok(Err(e)) => Outcome::new(Status::Critical, format!("GET {url}: {}", error_chain(&e))),
+        Ok(Err(e)) => Outcome::new(
+            Status::Critical,
+            format!("GET {url}: {}", crate::etcd::chain_text(&e)),
+        ),
         Err(_) => Outcome::new(
             Status::Critical,
             format!(
@@ -37,15 +40,4 @@ pub async fn run(client: &reqwest::Client, url: &str, timeout: Duration) -> Outc
             ),
         ),
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        cur = s.source();
-    }
-    text
 }

@@ -771,3 +771,45 @@ async fn flags_beat_environment_beat_the_config_file() {
         env_wins.stdout
     );
 }
+
+#[tokio::test]
+async fn a_ttl_below_etcds_minimum_is_raised_and_the_granted_ttl_used() {
+    // With a 1 s election timeout etcd's minimum lease TTL is 2 s.
+    let cluster = Cluster::start_with(
+        1,
+        crate::support::Options {
+            extra_args: ["--heartbeat-interval", "100", "--election-timeout", "1000"]
+                .map(String::from)
+                .to_vec(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let r = run(&cmd(
+        "register",
+        host_args(&cluster.endpoint_list(), "dc1", "web", "h1", "m1", "1s"),
+    ))
+    .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("etcd granted a different TTL"),
+        "no warning: {}",
+        r.stderr
+    );
+    let mut c = cluster.client().await;
+    let lease = registered(&mut c, "/infrastructure/dc1/web/h1/")
+        .await
+        .unwrap();
+    assert_eq!(
+        c.lease_time_to_live(lease, None)
+            .await
+            .unwrap()
+            .granted_ttl(),
+        2
+    );
+    assert!(
+        r.stderr.contains("ttl=2s"),
+        "the granted TTL is not the one reported: {}",
+        r.stderr
+    );
+}

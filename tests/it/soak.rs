@@ -17,7 +17,10 @@ use crate::support::proxy::Proxy;
 use crate::support::{Agent, Cluster, Watcher};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[derive(Debug, Clone)]
@@ -43,7 +46,10 @@ struct Host {
 }
 
 fn spawn_agent(eps: &str, name: &str, machine_id: &str, ttl: u64) -> Agent {
-    let mut args = cmd("agent", host_args(eps, "soak", "web", name, machine_id, &format!("{ttl}s")));
+    let mut args = cmd(
+        "agent",
+        host_args(eps, "soak", "web", name, machine_id, &format!("{ttl}s")),
+    );
     args.extend(["--request-timeout", "1s", "--connect-timeout", "500ms"].map(String::from));
     Agent::spawn(name, &args)
 }
@@ -75,7 +81,11 @@ async fn soak() {
     let ttl: u64 = env_or("SOAK_TTL", 6);
     let seed: u64 = env_or(
         "SOAK_SEED",
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1,
     );
     let ttl_d = Duration::from_secs(ttl);
     eprintln!("soak: {agents} agents, {minutes} min, TTL {ttl}s, seed {seed}");
@@ -89,17 +99,29 @@ async fn soak() {
         for m in &cluster.members {
             proxies.push(Proxy::start(m.client_port).await);
         }
-        let eps = proxies.iter().map(Proxy::endpoint).collect::<Vec<_>>().join(",");
+        let eps = proxies
+            .iter()
+            .map(Proxy::endpoint)
+            .collect::<Vec<_>>()
+            .join(",");
         let name = format!("h{i:03}");
         let machine_id = format!("machine-{i:03}");
         let agent = spawn_agent(&eps, &name, &machine_id, ttl);
-        hosts.push(Host { name, machine_id, proxies, agent });
+        hosts.push(Host {
+            name,
+            machine_id,
+            proxies,
+            agent,
+        });
     }
     let c = cluster.client_of(0).await;
     let all_registered = |c: etcd_client::Client, names: Vec<String>| async move {
         let mut missing = Vec::new();
         for n in names {
-            if registered(&mut c.clone(), &format!("/infrastructure/soak/web/{n}/")).await.is_err() {
+            if registered(&mut c.clone(), &format!("/infrastructure/soak/web/{n}/"))
+                .await
+                .is_err()
+            {
                 missing.push(n);
             }
         }
@@ -108,10 +130,16 @@ async fn soak() {
     let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
     let started = Instant::now();
     while !all_registered(c.clone(), names.clone()).await.is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(120), "agents did not all register");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "agents did not all register"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    eprintln!("soak: all {agents} registered after {:?}", started.elapsed());
+    eprintln!(
+        "soak: all {agents} registered after {:?}",
+        started.elapsed()
+    );
 
     let deadline = Instant::now() + Duration::from_secs_f64(minutes * 60.0);
     let mut injected: Vec<Injected> = Vec::new();
@@ -140,15 +168,24 @@ async fn soak() {
                 cluster.signal(*i, Signal::SIGCONT);
             }
             Fault::Partition(which) => {
-                which.iter().for_each(|&a| hosts[a].proxies.iter().for_each(|p| p.block(true)));
+                which
+                    .iter()
+                    .for_each(|&a| hosts[a].proxies.iter().for_each(|p| p.block(true)));
                 tokio::time::sleep(hold).await;
-                which.iter().for_each(|&a| hosts[a].proxies.iter().for_each(|p| p.block(false)));
+                which
+                    .iter()
+                    .for_each(|&a| hosts[a].proxies.iter().for_each(|p| p.block(false)));
             }
             Fault::RestartAgent(a) => {
                 let h = &mut hosts[*a];
                 h.agent.signal(Signal::SIGTERM);
                 let _ = h.agent.wait_exit(Duration::from_secs(15)).await;
-                let eps = h.proxies.iter().map(Proxy::endpoint).collect::<Vec<_>>().join(",");
+                let eps = h
+                    .proxies
+                    .iter()
+                    .map(Proxy::endpoint)
+                    .collect::<Vec<_>>()
+                    .join(",");
                 h.agent = spawn_agent(&eps, &h.name, &h.machine_id, ttl);
             }
         }
@@ -196,7 +233,10 @@ async fn soak() {
                 _ => false,
             });
             if !explained {
-                unexplained.push(format!("{host} lost its keys at +{:?}", e.at.duration_since(started)));
+                unexplained.push(format!(
+                    "{host} lost its keys at +{:?}",
+                    e.at.duration_since(started)
+                ));
             }
         }
     }
@@ -205,15 +245,35 @@ async fn soak() {
     println!("| soak ({agents} agents, {minutes} min, TTL {ttl}s, seed {seed}) | value |");
     println!("|---|---|");
     println!("| faults injected | {} |", injected.len());
-    println!("| member kills (kill -9, restart) | {} |", count(|f| matches!(f, Fault::KillMember(_))));
-    println!("| member pauses (SIGSTOP) | {} |", count(|f| matches!(f, Fault::PauseMember(_))));
-    println!("| agent partitions (black-holed proxies) | {} |", count(|f| matches!(f, Fault::Partition(_))));
-    println!("| graceful agent restarts | {} |", count(|f| matches!(f, Fault::RestartAgent(_))));
+    println!(
+        "| member kills (kill -9, restart) | {} |",
+        count(|f| matches!(f, Fault::KillMember(_)))
+    );
+    println!(
+        "| member pauses (SIGSTOP) | {} |",
+        count(|f| matches!(f, Fault::PauseMember(_)))
+    );
+    println!(
+        "| agent partitions (black-holed proxies) | {} |",
+        count(|f| matches!(f, Fault::Partition(_)))
+    );
+    println!(
+        "| graceful agent restarts | {} |",
+        count(|f| matches!(f, Fault::RestartAgent(_)))
+    );
     println!("| watch events | {} |", events.len());
     println!("| gaps (a host's keys deleted) | {gaps} |");
     println!("| unexplained gaps | {} |", unexplained.len());
-    println!("| clobbers (a host overwritten by another) | {} |", clobbers.len());
-    println!("| hosts registered at the end | {}/{} (settled {:?} after the last fault) |", agents - missing.len(), agents, settle);
+    println!(
+        "| clobbers (a host overwritten by another) | {} |",
+        clobbers.len()
+    );
+    println!(
+        "| hosts registered at the end | {}/{} (settled {:?} after the last fault) |",
+        agents - missing.len(),
+        agents,
+        settle
+    );
     assert!(unexplained.is_empty(), "unexplained gaps: {unexplained:#?}");
     assert!(clobbers.is_empty(), "clobbers: {clobbers:#?}");
     assert!(missing.is_empty(), "not registered at the end: {missing:?}");

@@ -1,0 +1,614 @@
+//! registrar's benchmark: side-by-side figures against the shell recipes
+//! operators use today, and a swarm of simulated hosts. It starts its own
+//! etcd clusters and prints tables; it asserts nothing. Run it with
+//! `scripts/bench` (see docs/PERFORMANCE.md).
+//!
+//! Flags: `--window SECS` (steady-state measurement window, default 60),
+//! `--runs N` (one-shot runs, default 25), `--swarm 1000,5000,10000`.
+
+#[path = "../tests/it/support/mod.rs"]
+#[allow(unused_imports)]
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, GetOptions};
+use nix::sys::signal::Signal;
+use registrar::agent::Agent as InProcessAgent;
+use registrar::etcd::Etcd;
+use registrar::identity::Identity;
+use registrar::registration::{Desired, Spec};
+use support::{Agent, Cluster};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const BIN: &str = env!("CARGO_BIN_EXE_registrar");
+
+struct Args {
+    window: Duration,
+    runs: usize,
+    swarm: Vec<usize>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        window: Duration::from_secs(60),
+        runs: 25,
+        swarm: vec![1000, 5000, 10000],
+    };
+    let argv: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < argv.len() {
+        let next = argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--window" => a.window = Duration::from_secs(next.parse().unwrap_or(60)),
+            "--runs" => a.runs = next.parse().unwrap_or(25),
+            "--swarm" => a.swarm = next.split(',').filter_map(|n| n.parse().ok()).collect(),
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// CPU seconds (user+system) and RSS (KiB) of a process.
+fn proc_usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = 100.0; // USER_HZ on Linux
+    let cpu = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / ticks
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / ticks;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (cpu, rss)
+}
+
+/// etcd_server_proposals_committed_total of one member.
+async fn proposals(endpoint: &str) -> f64 {
+    let text = match reqwest::get(format!("{endpoint}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .find(|l| l.starts_with("etcd_server_proposals_committed_total "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn timed(cmd: &mut tokio::process::Command) -> (Duration, bool) {
+    let start = Instant::now();
+    let ok = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .map(|s| s.success())
+        .unwrap_or(false);
+    (start.elapsed(), ok)
+}
+
+async fn one_shot(runs: usize) -> Vec<(String, String)> {
+    let cluster = Cluster::start(1).await;
+    let ep = cluster.endpoint_list();
+    let mut reg = Vec::new();
+    let mut shell = Vec::new();
+    for i in 0..runs {
+        let (d, ok) = timed(tokio::process::Command::new(BIN).args([
+            "register",
+            "--endpoints",
+            &ep,
+            "--dc",
+            "dc1",
+            "--role",
+            "web",
+            "--host",
+            &format!("r{i}"),
+            "--ip",
+            "10.0.0.1",
+            "--machine-id",
+            &format!("m{i}"),
+            "--ttl",
+            "30s",
+        ]))
+        .await;
+        assert!(ok, "registrar register failed");
+        reg.push(d);
+        let recipe = format!(
+            "L=$(etcdctl --endpoints={ep} lease grant 30 | grep -o '[0-9a-f]\\{{16\\}}') && \
+             etcdctl --endpoints={ep} put /infrastructure/dc1/web/s{i}/ip 10.0.0.1 --lease=$L"
+        );
+        let (d, ok) = timed(
+            tokio::process::Command::new("bash")
+                .args(["-c", &recipe])
+                .env("ETCDCTL_API", "3"),
+        )
+        .await;
+        assert!(ok, "the shell recipe failed");
+        shell.push(d);
+    }
+    reg.sort();
+    shell.sort();
+    let (rm, rp, sm, sp) = (
+        percentile(&reg, 0.5),
+        percentile(&reg, 0.95),
+        percentile(&shell, 0.5),
+        percentile(&shell, 0.95),
+    );
+    vec![
+        (
+            format!("one-shot `registrar register` ({runs} runs)"),
+            format!("median {}, p95 {}", ms(rm), ms(rp)),
+        ),
+        (
+            format!("shell recipe: etcdctl lease grant | grep; etcdctl put ({runs} runs)"),
+            format!("median {}, p95 {}", ms(sm), ms(sp)),
+        ),
+        (
+            "register / shell recipe (median)".into(),
+            format!(
+                "{:.2}x (target ≤ 0.25x)",
+                rm.as_secs_f64() / sm.as_secs_f64()
+            ),
+        ),
+    ]
+}
+
+async fn steady_state(window: Duration) -> Vec<(String, String)> {
+    let hosts = 20;
+    let ours = Cluster::start(1).await;
+    let theirs = Cluster::start(1).await;
+    let ep = ours.endpoint_list();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = dir.path().join("registrar.yaml");
+    let tcp_port = ours.members[0].client_port;
+    std::fs::write(
+        &cfg,
+        format!(
+            "checks:\n  - {{name: exec, exec: ['true'], interval: 10s}}\n  - {{name: tcp, tcp: '127.0.0.1:{tcp_port}', interval: 10s}}\n  - {{name: http, http: '{ep}/health', interval: 10s}}\n"
+        ),
+    )
+    .expect("config");
+    let mut agents = Vec::new();
+    for i in 0..hosts {
+        let mut args = vec![
+            "agent".to_string(),
+            "--config".into(),
+            cfg.to_string_lossy().into_owned(),
+        ];
+        args.extend(
+            [
+                "--endpoints",
+                &ep,
+                "--dc",
+                "dc1",
+                "--role",
+                "web",
+                "--host",
+                &format!("a{i}"),
+                "--ip",
+                "10.0.0.1",
+                "--machine-id",
+                &format!("a{i}"),
+                "--ttl",
+                "30s",
+            ]
+            .map(String::from),
+        );
+        agents.push(Agent::spawn("agent", &args));
+    }
+    // The baseline for memory/CPU: etcdctl lease keep-alive on one lease.
+    let other = theirs.endpoint_list();
+    let grant = tokio::process::Command::new("etcdctl")
+        .args([
+            format!("--endpoints={other}"),
+            "lease".into(),
+            "grant".into(),
+            "30".into(),
+        ])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .await
+        .expect("etcdctl lease grant");
+    let text = String::from_utf8_lossy(&grant.stdout);
+    let lease = text.split_whitespace().nth(1).unwrap_or("0").to_string();
+    let mut keepalive = tokio::process::Command::new("etcdctl")
+        .args([
+            format!("--endpoints={other}"),
+            "lease".into(),
+            "keep-alive".into(),
+            lease,
+        ])
+        .env("ETCDCTL_API", "3")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("etcdctl lease keep-alive");
+    // Let everything register and settle before measuring.
+    let c = ours.client().await;
+    let settle = Instant::now();
+    loop {
+        let n = c
+            .clone()
+            .get(
+                "/infrastructure/dc1/web/",
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .map(|r| r.count())
+            .unwrap_or(0);
+        if n >= (hosts * 6) as i64 || settle.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let agent_pid = agents[0].pid().as_raw() as u32;
+    let ka_pid = keepalive.id().unwrap_or(0);
+    let (a_cpu0, _) = proc_usage(agent_pid);
+    let (k_cpu0, _) = proc_usage(ka_pid);
+    let ours_p0 = proposals(&ep).await;
+    let theirs_p0 = proposals(&other).await;
+    // The v2-style timer, emulated with v3 puts: 3 writes per host per minute.
+    let timer = {
+        let other = other.clone();
+        tokio::spawn(async move {
+            let mut c = Client::connect([other], None).await.expect("client");
+            let mut tick = tokio::time::interval(Duration::from_secs(20));
+            loop {
+                tick.tick().await;
+                for h in 0..hosts {
+                    let _ = c
+                        .put(format!("/infrastructure/dc1/web/t{h}/ip"), "10.0.0.1", None)
+                        .await;
+                }
+            }
+        })
+    };
+    tokio::time::sleep(window).await;
+    timer.abort();
+    let (a_cpu1, a_rss) = proc_usage(agent_pid);
+    let (k_cpu1, k_rss) = proc_usage(ka_pid);
+    let per_host_hour = |p0: f64, p1: f64| (p1 - p0) / hosts as f64 / window.as_secs_f64() * 3600.0;
+    let ours_rate = per_host_hour(ours_p0, proposals(&ep).await);
+    let theirs_rate = per_host_hour(theirs_p0, proposals(&other).await);
+    let hour = 3600.0 / window.as_secs_f64();
+
+    // Graceful stop and crash, seen by a watcher.
+    let w = c.clone();
+    let gone_after = |host: String, sig: Signal| {
+        let pid = agents
+            .iter()
+            .find(|a| a.name == "agent" && a.log().contains(&format!("host=\"{host}\"")))
+            .map(|a| a.pid());
+        let mut w = w.clone();
+        async move {
+            let key = format!("/infrastructure/dc1/web/{host}/owner");
+            let mut stream = w.watch(key.as_str(), None).await.expect("watch");
+            let _ = stream.message().await; // created
+            let start = Instant::now();
+            if let Some(pid) = pid {
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
+            loop {
+                match tokio::time::timeout(Duration::from_secs(60), stream.message()).await {
+                    Ok(Ok(Some(r)))
+                        if r.events()
+                            .iter()
+                            .any(|e| e.event_type() == EventType::Delete) =>
+                    {
+                        return start.elapsed();
+                    }
+                    Ok(Ok(Some(_))) => continue,
+                    _ => return Duration::MAX,
+                }
+            }
+        }
+    };
+    let graceful = gone_after("a1".into(), Signal::SIGTERM).await;
+    let crash = gone_after("a2".into(), Signal::SIGKILL).await;
+    let _ = keepalive.start_kill();
+    drop(agents);
+    vec![
+        (
+            "idle agent RSS (3 checks, TTL 30s)".into(),
+            format!("{:.1} MiB", a_rss as f64 / 1024.0),
+        ),
+        (
+            "`etcdctl lease keep-alive` RSS".into(),
+            format!("{:.1} MiB", k_rss as f64 / 1024.0),
+        ),
+        (
+            "agent RSS / keep-alive RSS".into(),
+            format!(
+                "{:.2}x (target ≤ 0.33x)",
+                a_rss as f64 / k_rss.max(1) as f64
+            ),
+        ),
+        (
+            "idle agent CPU".into(),
+            format!("{:.2} s/hour", (a_cpu1 - a_cpu0) * hour),
+        ),
+        (
+            "`etcdctl lease keep-alive` CPU".into(),
+            format!("{:.2} s/hour", (k_cpu1 - k_cpu0) * hour),
+        ),
+        (
+            "raft proposals per host-hour: registrar agents".into(),
+            format!("{ours_rate:.1} (target 0)"),
+        ),
+        (
+            "raft proposals per host-hour: v2-style timer (3 puts/min)".into(),
+            format!("{theirs_rate:.1}"),
+        ),
+        (
+            "graceful stop: SIGTERM → watcher sees the keys gone".into(),
+            format!("{} (target ≤ 50 ms)", ms(graceful)),
+        ),
+        (
+            "crash: kill -9 → keys expire (TTL 30 s)".into(),
+            format!("{:.1} s", crash.as_secs_f64()),
+        ),
+    ]
+}
+
+/// Counts successful keep-alives across the swarm.
+struct Counter(Arc<AtomicU64>);
+impl registrar::lease::Observer for Counter {
+    fn alive(&self, _ttl: Duration) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn count_hosts(c: &Client) -> i64 {
+    c.clone()
+        .get(
+            "/infrastructure/swarm/",
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await
+        .map(|r| {
+            r.kvs()
+                .iter()
+                .filter(|kv| kv.key().ends_with(b"/owner"))
+                .count() as i64
+        })
+        .unwrap_or(0)
+}
+
+async fn swarm(n: usize, window: Duration) -> Vec<(String, String)> {
+    let cluster = Cluster::start(3).await;
+    let config = registrar::config::EtcdConfig {
+        endpoints: cluster.endpoints(),
+        tls: None,
+        user: None,
+        request_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(3),
+    };
+    let etcd = Arc::new(Etcd::new(&config).expect("etcd"));
+    let cancel = CancellationToken::new();
+    let alive = Arc::new(AtomicU64::new(0));
+    let pids: Vec<u32> = cluster
+        .members
+        .iter()
+        .filter_map(|m| m.pid())
+        .map(|p| p.as_raw() as u32)
+        .collect();
+    let roles = vec!["web".to_string()];
+    let empty_services = BTreeMap::new();
+    let empty_meta = BTreeMap::new();
+    let empty_checks = BTreeMap::new();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let identity = Identity {
+            host: format!("s{i:05}"),
+            ip: "10.0.0.1".parse().expect("ip"),
+            machine_id: format!("swarm-{i}"),
+        };
+        let desired = Desired::build(
+            &Spec {
+                prefix: "/infrastructure",
+                dc: "swarm",
+                roles: &roles,
+                services: &empty_services,
+                meta: &empty_meta,
+                health: "passing",
+                checks: &empty_checks,
+                maintenance: None,
+                withdrawn: false,
+            },
+            &identity,
+        );
+        let (_tx, rx) = tokio::sync::watch::channel(Some(desired));
+        let (etcd, cancel, observer) = (etcd.clone(), cancel.clone(), Counter(alive.clone()));
+        tasks.push(tokio::spawn(async move {
+            let _keep = _tx;
+            let mut agent = InProcessAgent {
+                etcd: &etcd,
+                ttl: Duration::from_secs(30),
+                desired: rx,
+            };
+            let _ = agent.run(&cancel, &observer).await;
+        }));
+    }
+    let c = cluster.client_of(0).await;
+    while count_hosts(&c).await < n as i64 {
+        if start.elapsed() > Duration::from_secs(600) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let registered_in = start.elapsed();
+    let registered = count_hosts(&c).await;
+    // Steady state.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let cpu0: f64 = pids.iter().map(|p| proc_usage(*p).0).sum();
+    let p0 = proposals(&cluster.members[0].endpoint()).await;
+    let k0 = alive.load(Ordering::Relaxed);
+    tokio::time::sleep(window).await;
+    let k1 = alive.load(Ordering::Relaxed);
+    let p1 = proposals(&cluster.members[0].endpoint()).await;
+    let usage: Vec<(f64, u64)> = pids.iter().map(|p| proc_usage(*p)).collect();
+    let cpu1: f64 = usage.iter().map(|u| u.0).sum();
+    let rss: u64 = usage.iter().map(|u| u.1).sum();
+    let secs = window.as_secs_f64();
+    // Mass revoke: every lease at once.
+    let leases = c
+        .clone()
+        .leases()
+        .await
+        .map(|r| r.leases().iter().map(|l| l.id()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let revoked_at = Instant::now();
+    let mut revokes = Vec::new();
+    for chunk in leases.chunks(200) {
+        let chunk = chunk.to_vec();
+        let mut rc = c.clone();
+        revokes.push(tokio::spawn(async move {
+            for id in chunk {
+                let _ = rc.lease_revoke(id).await;
+            }
+        }));
+    }
+    for r in revokes {
+        let _ = r.await;
+    }
+    let old: std::collections::BTreeSet<i64> = leases.into_iter().collect();
+    let all_back = loop {
+        let owners = c
+            .clone()
+            .get(
+                "/infrastructure/swarm/",
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map(|r| {
+                r.kvs()
+                    .iter()
+                    .filter(|kv| kv.key().ends_with(b"/owner") && !old.contains(&kv.lease()))
+                    .count()
+            })
+            .unwrap_or(0);
+        if owners >= n {
+            break Some(revoked_at.elapsed());
+        }
+        if revoked_at.elapsed() > Duration::from_secs(300) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    cancel.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    vec![
+        (
+            format!("swarm {n}: time to register all"),
+            format!(
+                "{:.1} s ({registered}/{n} registered; target ≤ 20 s for 10k)",
+                registered_in.as_secs_f64()
+            ),
+        ),
+        (
+            format!("swarm {n}: keep-alives per second"),
+            format!("{:.0}", (k1 - k0) as f64 / secs),
+        ),
+        (
+            format!("swarm {n}: etcd CPU (3 members)"),
+            format!("{:.0}% of one core", (cpu1 - cpu0) / secs * 100.0),
+        ),
+        (
+            format!("swarm {n}: etcd RSS (3 members)"),
+            format!("{:.0} MiB", rss as f64 / 1024.0),
+        ),
+        (
+            format!("swarm {n}: raft proposals per minute, steady"),
+            format!("{:.1} (target 0)", (p1 - p0) / secs * 60.0),
+        ),
+        (
+            format!("swarm {n}: all re-registered after a mass revoke"),
+            all_back
+                .map(|d| format!("{:.1} s, none lost (target ≤ 30 s)", d.as_secs_f64()))
+                .unwrap_or_else(|| "not within 300 s".into()),
+        ),
+    ]
+}
+
+fn main() {
+    let a = args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let etcd_version = std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!("# registrar benchmark");
+    println!();
+    println!("- {etcd_version}; machine: {cores} cores, {cpu}");
+    println!(
+        "- method: real etcd processes on loopback; release build; steady-state window {}s; {} one-shot runs",
+        a.window.as_secs(),
+        a.runs
+    );
+    println!();
+    println!("| measure | result |");
+    println!("|---|---|");
+    let print = |rows: Vec<(String, String)>| {
+        for (k, v) in rows {
+            println!("| {k} | {v} |");
+        }
+    };
+    print(rt.block_on(one_shot(a.runs)));
+    print(rt.block_on(steady_state(a.window)));
+    for n in a.swarm {
+        print(rt.block_on(swarm(n, Duration::from_secs(20).min(a.window))));
+    }
+}
