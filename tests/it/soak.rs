@@ -238,11 +238,14 @@ async fn soak() {
             last_owner_delete.insert(host.clone(), e.at);
             let slack = Duration::from_secs(2);
             let explained = injected.iter().any(|f| match &f.fault {
+                // The lease expires up to a TTL after the last keep-alive
+                // before the partition, and the agent needs a moment to
+                // renew after it heals; etcd's lessor checks every 500 ms.
                 Fault::Partition(which) => {
                     which.contains(&idx)
                         && f.end - f.start >= ttl_d.mul_f64(0.6)
                         && e.at >= f.start
-                        && e.at <= f.end + slack
+                        && e.at <= (f.end).max(f.start + ttl_d) + slack
                 }
                 Fault::RestartAgent(a) => *a == idx && e.at >= f.start && e.at <= f.end + slack,
                 // A member fault alone never justifies a gap (but see below).
