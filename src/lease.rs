@@ -58,10 +58,6 @@ pub trait Observer: Send + Sync {
     fn stopping(&self) {}
 }
 
-/// An observer that ignores everything.
-pub struct Quiet;
-impl Observer for Quiet {}
-
 enum StreamEnd {
     Cancelled,
     Lost,

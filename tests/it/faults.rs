@@ -12,7 +12,6 @@ use tokio::time::Instant;
 use crate::agent::wait_keepalives;
 use crate::registered;
 use crate::support::proc::{cmd, host_args};
-use crate::support::proxy::Proxy;
 use crate::support::{Agent, Cluster, Watcher, eventually};
 
 const DIR: &str = "/infrastructure/dc1/web/h1/";
@@ -252,24 +251,10 @@ async fn quorum_loss_for_two_ttls_then_recovery() {
     assert!(registered(&mut c.clone(), DIR).await.is_ok());
 }
 
-/// A cluster whose members the agent reaches only through proxies.
-async fn proxied(cluster: &Cluster) -> (Vec<Proxy>, String) {
-    let mut proxies = Vec::new();
-    for m in &cluster.members {
-        proxies.push(Proxy::start(m.client_port).await);
-    }
-    let eps = proxies
-        .iter()
-        .map(Proxy::endpoint)
-        .collect::<Vec<_>>()
-        .join(",");
-    (proxies, eps)
-}
-
 #[tokio::test]
 async fn partition_shorter_than_the_ttl_causes_no_gap() {
     let cluster = Cluster::start(3).await;
-    let (proxies, eps) = proxied(&cluster).await;
+    let (proxies, eps) = crate::support::proxy::in_front_of(&cluster).await;
     let watcher = Watcher::start(cluster.endpoints(), "/infrastructure/").await;
     let agent = agent(&eps, "6s");
     let c = cluster.client_of(0).await;
@@ -296,7 +281,7 @@ async fn partition_shorter_than_the_ttl_causes_no_gap() {
 #[tokio::test]
 async fn partition_longer_than_the_ttl_recovers_within_two_seconds_of_healing() {
     let cluster = Cluster::start(3).await;
-    let (proxies, eps) = proxied(&cluster).await;
+    let (proxies, eps) = crate::support::proxy::in_front_of(&cluster).await;
     let watcher = Watcher::start(cluster.endpoints(), "/infrastructure/").await;
     let agent = agent(&eps, "3s");
     let c = cluster.client_of(0).await;

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::registered;
 use crate::support::proc::{cmd, host_args};
-use crate::support::proxy::Proxy;
+use crate::support::proxy::{self, Proxy};
 use crate::support::{Agent, Cluster, Watcher};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -104,15 +104,7 @@ async fn soak() {
     let watcher = Watcher::start(cluster.endpoints(), "/infrastructure/").await;
     let mut hosts = Vec::new();
     for i in 0..agents {
-        let mut proxies = Vec::new();
-        for m in &cluster.members {
-            proxies.push(Proxy::start(m.client_port).await);
-        }
-        let eps = proxies
-            .iter()
-            .map(Proxy::endpoint)
-            .collect::<Vec<_>>()
-            .join(",");
+        let (proxies, eps) = proxy::in_front_of(&cluster).await;
         let name = format!("h{i:03}");
         let machine_id = format!("machine-{i:03}");
         let agent = spawn_agent(&eps, &name, &machine_id, ttl);
@@ -195,12 +187,7 @@ async fn soak() {
                 let h = &mut hosts[*a];
                 h.agent.signal(Signal::SIGTERM);
                 let _ = h.agent.wait_exit(Duration::from_secs(15)).await;
-                let eps = h
-                    .proxies
-                    .iter()
-                    .map(Proxy::endpoint)
-                    .collect::<Vec<_>>()
-                    .join(",");
+                let eps = proxy::endpoint_list(&h.proxies);
                 h.agent = spawn_agent(&eps, &h.name, &h.machine_id, ttl);
             }
         }

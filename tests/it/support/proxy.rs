@@ -79,6 +79,26 @@ async fn pipe(
     }
 }
 
+/// One proxy in front of every member of `cluster`, and the comma-separated
+/// endpoint list that reaches the cluster only through them.
+pub async fn in_front_of(cluster: &super::Cluster) -> (Vec<Proxy>, String) {
+    let mut proxies = Vec::new();
+    for m in &cluster.members {
+        proxies.push(Proxy::start(m.client_port).await);
+    }
+    let eps = endpoint_list(&proxies);
+    (proxies, eps)
+}
+
+/// The proxies' endpoints, comma separated, for --endpoints.
+pub fn endpoint_list(proxies: &[Proxy]) -> String {
+    proxies
+        .iter()
+        .map(Proxy::endpoint)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
