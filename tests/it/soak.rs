@@ -26,7 +26,11 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 #[derive(Debug, Clone)]
 enum Fault {
     KillMember(usize),
-    PauseMember(usize),
+    /// SIGSTOP member `member`, which led the cluster when paused if `leader`.
+    PauseMember {
+        member: usize,
+        leader: bool,
+    },
     Partition(Vec<usize>),
     RestartAgent(usize),
 }
@@ -101,7 +105,12 @@ async fn soak() {
     let mut rng = Rng(seed);
 
     let mut cluster = Cluster::start(3).await;
-    let watcher = Watcher::start(cluster.endpoints(), "/infrastructure/").await;
+    // One watcher per member: a paused member delays its own watchers'
+    // events, so each event's time is the earliest any watcher saw it.
+    let mut watchers = Vec::new();
+    for ep in cluster.endpoints() {
+        watchers.push(Watcher::start(vec![ep], "/infrastructure/").await);
+    }
     let mut hosts = Vec::new();
     for i in 0..agents {
         let (proxies, eps) = proxy::in_front_of(&cluster).await;
@@ -155,7 +164,11 @@ async fn soak() {
         };
         let fault = match kind {
             0 => Fault::KillMember(rng.below(3) as usize),
-            1 => Fault::PauseMember(rng.below(3) as usize),
+            1 => {
+                let member = rng.below(3) as usize;
+                let leader = cluster.try_leader((member + 1) % 3).await == Some(member);
+                Fault::PauseMember { member, leader }
+            }
             2 => {
                 let k = 1 + rng.below(5) as usize;
                 Fault::Partition((0..k).map(|_| rng.below(agents as u64) as usize).collect())
@@ -169,10 +182,10 @@ async fn soak() {
                 tokio::time::sleep(hold).await;
                 cluster.start_members(&[*i]).await;
             }
-            Fault::PauseMember(i) => {
-                cluster.signal(*i, Signal::SIGSTOP);
+            Fault::PauseMember { member, .. } => {
+                cluster.signal(*member, Signal::SIGSTOP);
                 tokio::time::sleep(hold).await;
-                cluster.signal(*i, Signal::SIGCONT);
+                cluster.signal(*member, Signal::SIGCONT);
             }
             Fault::Partition(which) => {
                 which
@@ -206,93 +219,60 @@ async fn soak() {
     let settle = faults_over.elapsed();
 
     // Judge the history.
-    let events = watcher.events();
+    let events = merged(&watchers);
     let host_of = |key: &str| key.split('/').nth(4).unwrap_or("").to_string();
     let index_of = |name: &str| names.iter().position(|n| n == name);
-    let mut gaps = 0;
-    let mut paused_leader_revokes = 0;
-    let mut unexplained = Vec::new();
+    let judge = Judge {
+        ttl: ttl_d,
+        injected: &injected,
+    };
+    let mut gaps = Vec::new();
     let mut clobbers = Vec::new();
-    let mut last_owner_delete: BTreeMap<String, Instant> = BTreeMap::new();
-    for e in &events {
+    let mut open: BTreeMap<String, (Instant, Cause)> = BTreeMap::new();
+    for e in events.iter().filter(|e| e.key.ends_with("/owner")) {
         let host = host_of(&e.key);
         let Some(idx) = index_of(&host) else { continue };
-        if e.key.ends_with("/owner") && e.put && e.value != hosts[idx].machine_id {
+        if e.put && e.value != hosts[idx].machine_id {
             clobbers.push(format!("{} written by {}", e.key, e.value));
         }
-        if !e.put && e.key.ends_with("/owner") {
-            gaps += 1;
-            last_owner_delete.insert(host.clone(), e.at);
-            let slack = Duration::from_secs(2);
-            let explained = injected.iter().any(|f| match &f.fault {
-                // The lease expires up to a TTL after the last keep-alive
-                // before the partition, and the agent needs a moment to
-                // renew after it heals; etcd's lessor checks every 500 ms.
-                Fault::Partition(which) => {
-                    which.contains(&idx)
-                        && f.end - f.start >= ttl_d.mul_f64(0.6)
-                        && e.at >= f.start
-                        && e.at <= (f.end).max(f.start + ttl_d) + slack
-                }
-                Fault::RestartAgent(a) => *a == idx && e.at >= f.start && e.at <= f.end + slack,
-                // A member fault alone never justifies a gap (but see below).
-                _ => false,
-            });
-            // etcd 3.4 bug (etcd issues 12528, 15247): a leader that was
-            // stopped longer than a lease's remaining TTL still believes it
-            // leads when it resumes and revokes every lease it thinks has
-            // expired, although the new leader kept them alive. Such gaps hit
-            // all hosts at once, right after the pause ends; count them apart.
-            let etcd_bug = !explained
-                && injected.iter().any(|f| {
-                    matches!(f.fault, Fault::PauseMember(_))
-                        && f.end - f.start >= ttl_d.mul_f64(0.5)
-                        && e.at >= f.end
-                        && e.at <= f.end + slack
-                });
-            if etcd_bug {
-                paused_leader_revokes += 1;
-                continue;
-            }
-            if !explained {
-                let during = injected
-                    .iter()
-                    .rev()
-                    .find(|f| f.start <= e.at)
-                    .map(|f| {
-                        let when = if e.at <= f.end {
-                            "during".to_string()
-                        } else {
-                            format!("{:?} after", e.at - f.end)
-                        };
-                        format!("{when} {:?} (held {:?})", f.fault, f.end - f.start)
-                    })
-                    .unwrap_or_default();
-                unexplained.push(format!(
-                    "{host} lost its keys at +{:?}, {during}",
-                    e.at.duration_since(started)
-                ));
-            }
-        }
-    }
-    // How long each gap lasted: from the owner key's delete to its next put.
-    let mut gap_lengths = Vec::new();
-    let mut open: BTreeMap<String, Instant> = BTreeMap::new();
-    for e in &events {
-        if !e.key.ends_with("/owner") {
-            continue;
-        }
-        let host = host_of(&e.key);
         if !e.put {
-            open.insert(host, e.at);
-        } else if let Some(t) = open.remove(&host) {
-            gap_lengths.push(e.at - t);
+            open.insert(host, (e.at, judge.cause(idx, e.at)));
+        } else if let Some((at, cause)) = open.remove(&host) {
+            gaps.push(Gap {
+                host,
+                deleted: at,
+                back: Some(e.at),
+                cause,
+            });
         }
     }
-    gap_lengths.sort();
-    let pct = |p: f64| {
-        gap_lengths
-            .get(((gap_lengths.len().max(1) as f64 - 1.0) * p) as usize)
+    gaps.extend(open.into_iter().map(|(host, (at, cause))| Gap {
+        host,
+        deleted: at,
+        back: None,
+        cause,
+    }));
+    let unexplained: Vec<String> = gaps
+        .iter()
+        .filter(|g| matches!(g.cause, Cause::Unexplained))
+        .map(|g| {
+            format!(
+                "{} lost its keys at +{:?}, {}",
+                g.host,
+                g.deleted.duration_since(started),
+                judge.context(g.deleted)
+            )
+        })
+        .collect();
+    let of = |c: fn(&Cause) -> bool| gaps.iter().filter(|g| c(&g.cause)).count();
+    let mut lengths: Vec<Duration> = gaps.iter().filter_map(Gap::length).collect();
+    lengths.sort();
+    // Recovery: from the later of the delete and the end of the fault that
+    // explains it, until the host's keys are back.
+    let mut recoveries: Vec<Duration> = gaps.iter().filter_map(|g| g.recovery(&injected)).collect();
+    recoveries.sort();
+    let pct = |v: &[Duration], p: f64| {
+        v.get(((v.len().max(1) as f64 - 1.0) * p) as usize)
             .copied()
             .unwrap_or_default()
     };
@@ -307,7 +287,7 @@ async fn soak() {
     );
     println!(
         "| member pauses (SIGSTOP) | {} |",
-        count(|f| matches!(f, Fault::PauseMember(_)))
+        count(|f| matches!(f, Fault::PauseMember { .. }))
     );
     println!(
         "| agent partitions (black-holed proxies) | {} |",
@@ -318,16 +298,31 @@ async fn soak() {
         count(|f| matches!(f, Fault::RestartAgent(_)))
     );
     println!("| watch events | {} |", events.len());
-    println!("| gaps (a host's keys deleted) | {gaps} |");
+    println!("| gaps (a host's keys deleted) | {} |", gaps.len());
     println!(
-        "| gaps from etcd 3.4 revoking every lease when a paused old leader resumes (etcd issues 12528/15247) | {paused_leader_revokes} |"
+        "| explained: agent partitioned longer than 0.6 x TTL | {} |",
+        of(|c| matches!(c, Cause::Partition(_)))
+    );
+    println!(
+        "| explained: graceful agent restart | {} |",
+        of(|c| matches!(c, Cause::Restart(_)))
+    );
+    println!(
+        "| explained: a leader paused past the keep-alive margin revoked leases when it resumed (etcd < 3.4.28, etcd PR 16822) | {} |",
+        of(|c| matches!(c, Cause::StaleLeader(_)))
     );
     println!("| unexplained gaps | {} |", unexplained.len());
     println!(
         "| gap length (owner deleted → re-registered): median / p95 / max | {:?} / {:?} / {:?} |",
-        pct(0.5),
-        pct(0.95),
-        gap_lengths.last().copied().unwrap_or_default()
+        pct(&lengths, 0.5),
+        pct(&lengths, 0.95),
+        lengths.last().copied().unwrap_or_default()
+    );
+    println!(
+        "| recovery (fault over or keys deleted, whichever is later → re-registered): median / p95 / max | {:?} / {:?} / {:?} |",
+        pct(&recoveries, 0.5),
+        pct(&recoveries, 0.95),
+        recoveries.last().copied().unwrap_or_default()
     );
     println!(
         "| clobbers (a host overwritten by another) | {} |",
@@ -342,4 +337,122 @@ async fn soak() {
     assert!(unexplained.is_empty(), "unexplained gaps: {unexplained:#?}");
     assert!(clobbers.is_empty(), "clobbers: {clobbers:#?}");
     assert!(missing.is_empty(), "not registered at the end: {missing:?}");
+}
+
+/// Every event any watcher saw, once, in revision order, timed by the
+/// watcher that saw it first.
+fn merged(watchers: &[Watcher]) -> Vec<crate::support::watcher::Seen> {
+    let mut first: BTreeMap<(i64, String), crate::support::watcher::Seen> = BTreeMap::new();
+    for e in watchers.iter().flat_map(Watcher::events) {
+        let slot = first
+            .entry((e.revision, e.key.clone()))
+            .or_insert_with(|| e.clone());
+        if e.at < slot.at {
+            slot.at = e.at;
+        }
+    }
+    first.into_values().collect()
+}
+
+/// Why a host's keys were deleted; the index is into the injected faults.
+#[derive(Debug, Clone, Copy)]
+enum Cause {
+    Partition(usize),
+    Restart(usize),
+    StaleLeader(usize),
+    Unexplained,
+}
+
+struct Gap {
+    host: String,
+    deleted: Instant,
+    back: Option<Instant>,
+    cause: Cause,
+}
+
+impl Gap {
+    fn length(&self) -> Option<Duration> {
+        self.back.map(|b| b - self.deleted)
+    }
+
+    fn recovery(&self, injected: &[Injected]) -> Option<Duration> {
+        let fault_end = match self.cause {
+            Cause::Partition(i) | Cause::Restart(i) | Cause::StaleLeader(i) => injected[i].end,
+            Cause::Unexplained => self.deleted,
+        };
+        self.back
+            .map(|b| b.saturating_duration_since(self.deleted.max(fault_end)))
+    }
+}
+
+/// etcd's request timeout with the test cluster's election timeout
+/// (5 s + 2 x 500 ms): a stale leader's revoke proposals can be committed
+/// up to this long after it resumes.
+const STALE_REVOKE_WINDOW: Duration = Duration::from_secs(6);
+
+struct Judge<'a> {
+    ttl: Duration,
+    injected: &'a [Injected],
+}
+
+impl Judge<'_> {
+    /// The injected fault that explains host `idx` losing its keys at `at`.
+    fn cause(&self, idx: usize, at: Instant) -> Cause {
+        let slack = Duration::from_secs(2);
+        let found = |f: &dyn Fn(&Injected) -> bool| self.injected.iter().rposition(f);
+        // The lease expires up to a TTL after the last keep-alive before the
+        // partition, and the agent needs a moment to renew after it heals;
+        // etcd's lessor checks every 500 ms.
+        if let Some(i) = found(&|f| match &f.fault {
+            Fault::Partition(which) => {
+                which.contains(&idx)
+                    && f.end - f.start >= self.ttl.mul_f64(0.6)
+                    && at >= f.start
+                    && at <= f.end.max(f.start + self.ttl) + slack
+            }
+            _ => false,
+        }) {
+            return Cause::Partition(i);
+        }
+        if let Some(i) = found(&|f| {
+            matches!(f.fault, Fault::RestartAgent(a) if a == idx)
+                && at >= f.start
+                && at <= f.end + slack
+        }) {
+            return Cause::Restart(i);
+        }
+        // etcd before 3.4.28 (issues 12528 and 15247, fixed by PR 16822): a
+        // leader that was stopped longer than a lease's remaining TTL still
+        // believes it leads when it resumes, and proposes revoking every
+        // lease it thinks expired. The proposals reach the new leader, which
+        // commits them although it kept the leases alive. Keep-alives come
+        // every TTL/3, so a pause over 2/3 of the TTL is enough. The revokes
+        // land right after the resume or up to a request timeout later.
+        if let Some(i) = found(&|f| {
+            matches!(f.fault, Fault::PauseMember { leader: true, .. })
+                && f.end - f.start >= self.ttl.mul_f64(0.6)
+                && at >= f.end
+                && at <= f.end + STALE_REVOKE_WINDOW + slack
+        }) {
+            return Cause::StaleLeader(i);
+        }
+        Cause::Unexplained
+    }
+
+    /// The fault before `at`, for a report.
+    fn context(&self, at: Instant) -> String {
+        self.injected
+            .iter()
+            .rev()
+            .find(|f| f.start <= at)
+            .map(|f| {
+                let when = if at <= f.end {
+                    "during".to_string()
+                } else {
+                    format!("{:?} after", at - f.end)
+                };
+                format!("{when} {:?} (held {:?})", f.fault, f.end - f.start)
+            })
+            .unwrap_or_default()
+    }
 }

@@ -340,20 +340,37 @@ impl Cluster {
 
     /// The index of the current leader, as member `via` reports it.
     pub async fn leader(&self, via: usize) -> usize {
-        let mut c = self.client_of(via).await;
-        let status = c.status().await.expect("status");
-        let leader = status.leader();
-        for (i, m) in self.members.iter().enumerate() {
-            let mut c = Client::connect([m.endpoint()], Some(self.connect_options()))
+        self.try_leader(via)
+            .await
+            .unwrap_or_else(|| panic!("member {via} names no reachable leader"))
+    }
+
+    /// The index of the current leader, as member `via` reports it, or
+    /// `None` when `via` does not answer within a second or names no member.
+    pub async fn try_leader(&self, via: usize) -> Option<usize> {
+        let status = |ep: String| async move {
+            let mut c = Client::connect([ep], Some(self.connect_options()))
                 .await
-                .expect("client");
-            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), c.status()).await
+                .ok()?;
+            tokio::time::timeout(Duration::from_secs(1), c.status())
+                .await
+                .ok()?
+                .ok()
+        };
+        let leader = status(self.members[via].endpoint()).await?.leader();
+        for (i, m) in self.members.iter().enumerate() {
+            if let Some(s) = status(m.endpoint()).await
                 && s.header().map(|h| h.member_id()) == Some(leader)
             {
-                return i;
+                return Some(i);
             }
         }
-        panic!("no member is the leader {leader:x}");
+        None
+    }
+
+    /// Member `i`'s log so far.
+    pub fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.members[i].log).unwrap_or_default()
     }
 
     fn dump_logs(&self) {
