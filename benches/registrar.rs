@@ -484,9 +484,21 @@ async fn swarm(n: usize, window: Duration) -> Vec<(String, String)> {
         }));
     }
     let c = cluster.client_of(0).await;
-    while count_hosts(&c).await < n as i64 {
-        if start.elapsed() > Duration::from_secs(600) {
+    let mut progress = Instant::now();
+    loop {
+        let have = count_hosts(&c).await;
+        if have >= n as i64 || start.elapsed() > Duration::from_secs(600) {
             break;
+        }
+        if progress.elapsed() >= Duration::from_secs(5) {
+            progress = Instant::now();
+            let etcd_rss: u64 = pids.iter().map(|p| proc_usage(*p).1).sum();
+            eprintln!(
+                "swarm {n}: {have} registered after {:.0} s; this process {} MiB, etcd {} MiB",
+                start.elapsed().as_secs_f64(),
+                proc_usage(std::process::id()).1 / 1024,
+                etcd_rss / 1024
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

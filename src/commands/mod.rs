@@ -190,21 +190,38 @@ pub fn load_config(cli: &Cli, env: &Env) -> Result<Config, Failure> {
 }
 
 /// Sets up logging on stderr in the configured format. `REGISTRAR_LOG`
-/// takes a tracing filter (default `info`).
+/// takes comma-separated `level` or `target=level` directives (default
+/// `info`); a value that does not parse is reported and `info` is used.
 pub fn init_logging(format: LogFormat, env: &Env) {
-    let filter = env
-        .get("REGISTRAR_LOG")
-        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{Layer, fmt};
+
+    let default = Targets::new().with_default(LevelFilter::INFO);
+    let (filter, bad) = match env.get("REGISTRAR_LOG") {
+        Some(text) => match text.parse::<Targets>() {
+            Ok(t) => (t, None),
+            Err(e) => (default, Some((text.to_string(), e))),
+        },
+        None => (default, None),
+    };
+    let layer = fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    // A second initialisation (tests running commands in-process) is harmless.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let layer = match format {
+        LogFormat::Text => layer.with_filter(filter).boxed(),
+        LogFormat::Json => layer.json().with_filter(filter).boxed(),
     };
+    // A second initialisation (tests running commands in-process) is harmless.
+    let _ = tracing_subscriber::registry().with(layer).try_init();
+    if let Some((text, e)) = bad {
+        tracing::warn!(
+            "REGISTRAR_LOG={text:?} is not a log filter ({e}); logging at info. \
+             Use a level (error, warn, info, debug, trace) or target=level \
+             directives, e.g. REGISTRAR_LOG=info,registrar=debug"
+        );
+    }
 }
 
 /// Everything a registering command needs, resolved before any network call.

@@ -773,6 +773,28 @@ async fn flags_beat_environment_beat_the_config_file() {
 }
 
 #[tokio::test]
+async fn a_bad_log_filter_is_named_with_the_fix_and_logging_goes_on_at_info() {
+    use crate::support::proc::{registrar, run_with};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("registrar.yaml");
+    std::fs::write(&cfg, "endpoints: [http://e:2379]\ndc: d\nroles: [r]\n").unwrap();
+    let out = run_with(
+        registrar()
+            .args(["check-config", "--config", cfg.to_str().unwrap()])
+            .env("REGISTRAR_LOG", "registrar=loud"),
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("REGISTRAR_LOG=\"registrar=loud\" is not a log filter")
+            && out.stderr.contains("REGISTRAR_LOG=info,registrar=debug"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test]
 async fn a_ttl_below_etcds_minimum_is_raised_and_the_granted_ttl_used() {
     // With a 1 s election timeout etcd's minimum lease TTL is 2 s.
     let cluster = Cluster::start_with(

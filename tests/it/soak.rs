@@ -139,6 +139,7 @@ async fn soak() {
     };
     let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
     let started = Instant::now();
+    let wall_start = std::time::SystemTime::now();
     while !all_registered(c.clone(), names.clone()).await.is_empty() {
         assert!(
             started.elapsed() < Duration::from_secs(120),
@@ -308,7 +309,7 @@ async fn soak() {
         of(|c| matches!(c, Cause::Restart(_)))
     );
     println!(
-        "| explained: a leader paused past the keep-alive margin revoked leases when it resumed (etcd < 3.4.28, etcd PR 16822) | {} |",
+        "| explained: a leader paused past the keep-alive margin revoked leases when it resumed (etcd issues 12528/15247, fixed upstream by etcd PR 16822) | {} |",
         of(|c| matches!(c, Cause::StaleLeader(_)))
     );
     println!("| unexplained gaps | {} |", unexplained.len());
@@ -334,6 +335,35 @@ async fn soak() {
         agents,
         settle
     );
+    if let Some(first) = gaps.iter().find(|g| matches!(g.cause, Cause::Unexplained)) {
+        // What etcd said around the first unexplained gap: elections, stalls.
+        let wall = wall_start + first.deleted.duration_since(started);
+        for i in 0..3 {
+            for line in cluster.log_of(i).lines().filter(|l| {
+                [
+                    "became leader",
+                    "fdatasync",
+                    "took too long",
+                    "revoke",
+                    "overloaded",
+                ]
+                .iter()
+                .any(|k| l.contains(k))
+            }) {
+                let ts = line
+                    .split("\"ts\":\"")
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok());
+                if let Some(ts) = ts
+                    && ts + Duration::from_secs(15) >= wall
+                    && ts <= wall + Duration::from_secs(2)
+                {
+                    eprintln!("m{i}: {}", &line[..line.len().min(240)]);
+                }
+            }
+        }
+    }
     assert!(unexplained.is_empty(), "unexplained gaps: {unexplained:#?}");
     assert!(clobbers.is_empty(), "clobbers: {clobbers:#?}");
     assert!(missing.is_empty(), "not registered at the end: {missing:?}");
@@ -421,7 +451,8 @@ impl Judge<'_> {
         }) {
             return Cause::Restart(i);
         }
-        // etcd before 3.4.28 (issues 12528 and 15247, fixed by PR 16822): a
+        // etcd issues 12528 and 15247 (fixed upstream by PR 16822, which
+        // Debian's 3.4.23 predates): a
         // leader that was stopped longer than a lease's remaining TTL still
         // believes it leads when it resumes, and proposes revoking every
         // lease it thinks expired. The proposals reach the new leader, which
@@ -439,12 +470,12 @@ impl Judge<'_> {
         Cause::Unexplained
     }
 
-    /// The fault before `at`, for a report.
+    /// The faults in the 20 s before `at`, for a report.
     fn context(&self, at: Instant) -> String {
         self.injected
             .iter()
             .rev()
-            .find(|f| f.start <= at)
+            .filter(|f| f.start <= at && at.duration_since(f.end) < Duration::from_secs(20))
             .map(|f| {
                 let when = if at <= f.end {
                     "during".to_string()
@@ -453,6 +484,7 @@ impl Judge<'_> {
                 };
                 format!("{when} {:?} (held {:?})", f.fault, f.end - f.start)
             })
-            .unwrap_or_default()
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
