@@ -533,6 +533,7 @@ async fn swarm(n: usize, window: Duration) -> Vec<(String, String)> {
     // Steady state.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let cpu0: f64 = pids.iter().map(|p| proc_usage(*p).0).sum();
+    let own0 = proc_usage(std::process::id()).0;
     let p0 = proposals(&cluster.members[0].endpoint()).await;
     let k0 = alive.load(Ordering::Relaxed);
     tokio::time::sleep(window).await;
@@ -540,6 +541,7 @@ async fn swarm(n: usize, window: Duration) -> Vec<(String, String)> {
     let p1 = proposals(&cluster.members[0].endpoint()).await;
     let usage: Vec<(f64, u64)> = pids.iter().map(|p| proc_usage(*p)).collect();
     let cpu1: f64 = usage.iter().map(|u| u.0).sum();
+    let own1 = proc_usage(std::process::id()).0;
     let rss: u64 = usage.iter().map(|u| u.1).sum();
     let secs = window.as_secs_f64();
     // Mass revoke: every lease at once.
@@ -609,6 +611,14 @@ async fn swarm(n: usize, window: Duration) -> Vec<(String, String)> {
         (
             format!("swarm {n}: etcd CPU (3 members)"),
             format!("{:.0}% of one core", (cpu1 - cpu0) / secs * 100.0),
+        ),
+        (
+            format!("swarm {n}: the simulated hosts' CPU and RSS (one process)"),
+            format!(
+                "{:.0}% of one core, {} MiB",
+                (own1 - own0) / secs * 100.0,
+                proc_usage(std::process::id()).1 / 1024
+            ),
         ),
         (
             format!("swarm {n}: etcd RSS (3 members)"),

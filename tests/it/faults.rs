@@ -170,6 +170,9 @@ async fn paused_member_under_the_keepalive_stream_is_left_for_another() {
     let lease = wait_registered(&c0, Duration::from_secs(10)).await;
     let paused = stream_member(&cluster, &agent).await;
     let other = (paused + 1) % 3;
+    // Not the leader: a leader paused this long revokes live leases when it
+    // resumes (an etcd 3.4.23 bug, see README), which no client can prevent.
+    cluster.ensure_not_leader(paused).await;
     let watcher = Watcher::start(vec![cluster.members[other].endpoint()], "/infrastructure/").await;
 
     // SIGSTOP: the member keeps its connections open and answers nothing.

@@ -368,6 +368,38 @@ impl Cluster {
         None
     }
 
+    /// Makes sure member `i` does not lead, moving leadership to another
+    /// member if it does. Pausing a leader longer than 2/3 of a lease's TTL
+    /// makes etcd 3.4.23 revoke live leases when it resumes (etcd issues
+    /// 12528/15247); tests of a paused member that must see no gap use this.
+    pub async fn ensure_not_leader(&self, i: usize) {
+        let other = (i + 1) % self.members.len();
+        if self.leader(other).await != i {
+            return;
+        }
+        let mut target = self.client_of(other).await;
+        let target_id = target
+            .status()
+            .await
+            .expect("status of the new leader")
+            .header()
+            .map(|h| h.member_id())
+            .expect("member id");
+        let mut current = self.client_of(i).await;
+        current
+            .move_leader(target_id)
+            .await
+            .expect("move leadership");
+        eprintln!("moved leadership away from member {i}");
+        eventually(Duration::from_secs(10), "leadership to move", || async {
+            match self.try_leader(other).await {
+                Some(l) if l != i => Ok(()),
+                l => Err(format!("leader is {l:?}")),
+            }
+        })
+        .await;
+    }
+
     /// Member `i`'s log so far.
     pub fn log_of(&self, i: usize) -> String {
         std::fs::read_to_string(&self.members[i].log).unwrap_or_default()
