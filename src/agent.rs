@@ -181,7 +181,14 @@ impl Agent<'_> {
             due = Some(Instant::now());
         }
         loop {
-            let watch = guard::watch(self.etcd, &reg.written, reg.lease.id, reg.revision, cancel);
+            let watch = guard::watch(
+                self.etcd,
+                &reg.written,
+                reg.lease.id,
+                reg.revision,
+                lease::period(reg.lease.ttl),
+                cancel,
+            );
             let timer = async {
                 match due {
                     Some(at) => sleep_until(at).await,

@@ -6,6 +6,12 @@
 //! (up to TTL/3 later). Keys deleted by hand (`etcdctl del --prefix`) while the
 //! lease lives would never be noticed by keep-alives at all. The watch costs
 //! one idle stream and no raft writes.
+//!
+//! A paused member keeps a watch stream open and silent, and a quiet watch
+//! cannot tell that from "nothing happened". So the watch follows the
+//! keep-alive stream, which does notice (its answers have deadlines): when
+//! the keep-alive has moved to another endpoint, the watch moves there too.
+//! That costs a local check per keep-alive period and no messages.
 
 use std::time::Duration;
 
@@ -29,15 +35,20 @@ pub enum WatchEnd {
 
 /// Watches every directory of `desired` from `after_revision + 1` and
 /// returns on the first event that removes or replaces one of our keys.
+/// Every `follow_every` it checks whether the keep-alive moved to another
+/// endpoint, and if so moves the watch there.
 pub async fn watch(
     etcd: &Etcd,
     desired: &Desired,
     lease: i64,
     after_revision: i64,
+    follow_every: Duration,
     cancel: &CancellationToken,
 ) -> WatchEnd {
     let mut idx = etcd.preferred();
     let mut backoff = Backoff::standard();
+    let mut follow = tokio::time::interval(follow_every);
+    follow.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let opened = tokio::select! {
             _ = cancel.cancelled() => return WatchEnd::Cancelled,
@@ -46,20 +57,28 @@ pub async fn watch(
         match opened {
             Ok(mut stream) => {
                 backoff.reset();
-                loop {
+                follow.reset();
+                let moved = loop {
                     let msg = tokio::select! {
                         _ = cancel.cancelled() => return WatchEnd::Cancelled,
                         m = stream.message() => m,
+                        _ = follow.tick() => {
+                            let preferred = etcd.preferred();
+                            if preferred != idx {
+                                break Some(preferred);
+                            }
+                            continue;
+                        }
                     };
                     let resp = match msg {
                         Ok(Some(resp)) => resp,
                         Ok(None) => {
                             tracing::debug!("watch stream closed by etcd; reopening");
-                            break;
+                            break None;
                         }
                         Err(e) => {
                             tracing::debug!(error = %e, "watch stream failed; reopening");
-                            break;
+                            break None;
                         }
                     };
                     if resp.compact_revision() > 0 {
@@ -70,7 +89,7 @@ pub async fn watch(
                             reason = resp.cancel_reason(),
                             "watch canceled by etcd; reopening"
                         );
-                        break;
+                        break None;
                     }
                     for ev in resp.events() {
                         let Some(kv) = ev.kv() else { continue };
@@ -91,6 +110,15 @@ pub async fn watch(
                             EventType::Put => {}
                         }
                     }
+                };
+                if let Some(to) = moved {
+                    tracing::debug!(
+                        from = etcd.endpoint(idx),
+                        to = etcd.endpoint(to),
+                        "the keep-alive moved; moving the watch on this host's keys with it"
+                    );
+                    idx = to;
+                    continue;
                 }
             }
             Err(e) => tracing::debug!(error = %e, "cannot open the watch on this host's keys"),

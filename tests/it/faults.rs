@@ -405,3 +405,47 @@ async fn leader_paused_past_the_ttl_may_revoke_and_the_agent_puts_the_host_back(
         assert!(*g < Duration::from_secs(2), "a gap lasted {g:?}: {gaps:?}");
     }
 }
+
+/// A paused member keeps the own-key watch silent too. The watch follows
+/// the keep-alive to another member, so keys deleted from outside during
+/// the pause are still put back within a keep-alive period or so.
+#[tokio::test]
+async fn keys_deleted_while_the_watched_member_is_paused_are_still_repaired() {
+    let cluster = Cluster::start(3).await;
+    let agent = agent(&cluster.endpoint_list(), "6s");
+    let c0 = cluster.client_of(0).await;
+    let lease = wait_registered(&c0, Duration::from_secs(10)).await;
+    let paused = stream_member(&cluster, &agent).await;
+    let other = (paused + 1) % 3;
+    cluster.ensure_not_leader(paused).await;
+    let stopped = std::time::SystemTime::now();
+    cluster.signal(paused, Signal::SIGSTOP);
+    eventually(Duration::from_secs(6), "the keep-alive to move", || {
+        let log = agent.log();
+        async move {
+            logged_after(&log, "keep-alive stream open", stopped)
+                .map(|_| ())
+                .ok_or_else(|| "not yet".to_string())
+        }
+    })
+    .await;
+
+    let mut c = cluster.client_of(other).await;
+    let deleted = Instant::now();
+    c.delete(DIR, Some(etcd_client::DeleteOptions::new().with_prefix()))
+        .await
+        .expect("delete the host's keys from outside");
+    // The keep-alive period is 2 s: the watch notices the move within one
+    // period, then sees the delete, then rewrites on the same lease.
+    let back = eventually(Duration::from_secs(5), "the keys to be put back", || {
+        let mut c = c.clone();
+        async move { registered(&mut c, DIR).await }
+    })
+    .await;
+    eprintln!(
+        "keys deleted while the watched member was paused: back after {:?}",
+        deleted.elapsed()
+    );
+    assert_eq!(back, lease, "repaired on the same lease");
+    cluster.signal(paused, Signal::SIGCONT);
+}
