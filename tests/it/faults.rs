@@ -96,6 +96,21 @@ async fn stream_member(cluster: &Cluster, agent: &Agent) -> usize {
         .expect("the stream is on a cluster member")
 }
 
+/// A 3-member cluster with the agent (TTL 6 s) registered; returns its
+/// lease, the member under its keep-alive stream, and another member. The
+/// stream's member is made a follower: a leader paused past 2/3 of the TTL
+/// revokes live leases when it resumes (an etcd 3.4.23 bug, see README),
+/// which no client can prevent.
+async fn registered_with_stream_member() -> (Cluster, Agent, i64, usize, usize) {
+    let cluster = Cluster::start(3).await;
+    let agent = agent(&cluster.endpoint_list(), "6s");
+    let c0 = cluster.client_of(0).await;
+    let lease = wait_registered(&c0, Duration::from_secs(10)).await;
+    let paused = stream_member(&cluster, &agent).await;
+    cluster.ensure_not_leader(paused).await;
+    (cluster, agent, lease, paused, (paused + 1) % 3)
+}
+
 /// The host's deletes seen by the independent watcher.
 fn gaps(watcher: &Watcher) -> Vec<String> {
     watcher.deletes().into_iter().map(|e| e.key).collect()
@@ -164,15 +179,7 @@ async fn first_endpoint_dead_from_the_start_does_not_matter() {
 
 #[tokio::test]
 async fn paused_member_under_the_keepalive_stream_is_left_for_another() {
-    let cluster = Cluster::start(3).await;
-    let agent = agent(&cluster.endpoint_list(), "6s");
-    let c0 = cluster.client_of(0).await;
-    let lease = wait_registered(&c0, Duration::from_secs(10)).await;
-    let paused = stream_member(&cluster, &agent).await;
-    let other = (paused + 1) % 3;
-    // Not the leader: a leader paused this long revokes live leases when it
-    // resumes (an etcd 3.4.23 bug, see README), which no client can prevent.
-    cluster.ensure_not_leader(paused).await;
+    let (cluster, agent, lease, paused, other) = registered_with_stream_member().await;
     let watcher = Watcher::start(vec![cluster.members[other].endpoint()], "/infrastructure/").await;
 
     // SIGSTOP: the member keeps its connections open and answers nothing.
@@ -411,13 +418,7 @@ async fn leader_paused_past_the_ttl_may_revoke_and_the_agent_puts_the_host_back(
 /// the pause are still put back within a keep-alive period or so.
 #[tokio::test]
 async fn keys_deleted_while_the_watched_member_is_paused_are_still_repaired() {
-    let cluster = Cluster::start(3).await;
-    let agent = agent(&cluster.endpoint_list(), "6s");
-    let c0 = cluster.client_of(0).await;
-    let lease = wait_registered(&c0, Duration::from_secs(10)).await;
-    let paused = stream_member(&cluster, &agent).await;
-    let other = (paused + 1) % 3;
-    cluster.ensure_not_leader(paused).await;
+    let (cluster, agent, lease, paused, other) = registered_with_stream_member().await;
     let stopped = std::time::SystemTime::now();
     cluster.signal(paused, Signal::SIGSTOP);
     eventually(Duration::from_secs(6), "the keep-alive to move", || {
