@@ -99,9 +99,12 @@ async fn proposals(endpoint: &str) -> f64 {
 
 /// One unlabelled counter or gauge from a member's `/metrics`.
 async fn metric(endpoint: &str, name: &str) -> f64 {
-    let text = match reqwest::get(format!("{endpoint}/metrics")).await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
+    let url = format!("{endpoint}/metrics");
+    let fetch = async { reqwest::get(url).await?.text().await };
+    // A missing figure reads as 0; an overloaded member must not hang the run.
+    let text = match tokio::time::timeout(Duration::from_secs(5), fetch).await {
+        Ok(Ok(t)) => t,
+        _ => String::new(),
     };
     text.lines()
         .find(|l| l.split_whitespace().next() == Some(name))
@@ -416,20 +419,23 @@ impl registrar::lease::Observer for Counter {
     }
 }
 
-async fn count_hosts(c: &Client) -> i64 {
-    c.clone()
-        .get(
-            "/infrastructure/swarm/",
-            Some(GetOptions::new().with_prefix().with_keys_only()),
-        )
-        .await
-        .map(|r| {
-            r.kvs()
-                .iter()
-                .filter(|kv| kv.key().ends_with(b"/owner"))
-                .count() as i64
-        })
-        .unwrap_or(0)
+/// How many simulated hosts are registered, or why that is unknown (an
+/// overloaded cluster may not answer in time).
+async fn count_hosts(c: &Client) -> Result<i64, String> {
+    let mut c = c.clone();
+    let get = c.get(
+        "/infrastructure/swarm/",
+        Some(GetOptions::new().with_prefix().with_keys_only()),
+    );
+    match tokio::time::timeout(Duration::from_secs(5), get).await {
+        Ok(Ok(r)) => Ok(r
+            .kvs()
+            .iter()
+            .filter(|kv| kv.key().ends_with(b"/owner"))
+            .count() as i64),
+        Ok(Err(e)) => Err(format!("counting failed: {e}")),
+        Err(_) => Err("etcd did not answer the count within 5 s".into()),
+    }
 }
 
 async fn swarm(n: usize, window: Duration) -> Vec<(String, String)> {
@@ -512,14 +518,16 @@ async fn swarm(n: usize, window: Duration) -> Vec<(String, String)> {
     let mut progress = Instant::now();
     loop {
         let have = count_hosts(&c).await;
-        if have >= n as i64 || start.elapsed() > Duration::from_secs(600) {
+        if have.as_ref().is_ok_and(|h| *h >= n as i64) || start.elapsed() > Duration::from_secs(600)
+        {
             break;
         }
         if progress.elapsed() >= Duration::from_secs(5) {
             progress = Instant::now();
             let etcd_rss: u64 = pids.iter().map(|p| proc_usage(*p).1).sum();
             eprintln!(
-                "swarm {n}: {have} registered after {:.0} s; this process {} MiB, etcd {} MiB; {} leader changes seen",
+                "swarm {n}: {} registered after {:.0} s; this process {} MiB, etcd {} MiB; {} leader changes seen",
+                have.map_or_else(|e| format!("? ({e})"), |h| h.to_string()),
                 start.elapsed().as_secs_f64(),
                 proc_usage(std::process::id()).1 / 1024,
                 etcd_rss / 1024,
@@ -529,7 +537,9 @@ async fn swarm(n: usize, window: Duration) -> Vec<(String, String)> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let registered_in = start.elapsed();
-    let registered = count_hosts(&c).await;
+    let registered = count_hosts(&c)
+        .await
+        .map_or_else(|e| format!("? ({e})"), |h| h.to_string());
     // Steady state.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let cpu0: f64 = pids.iter().map(|p| proc_usage(*p).0).sum();
