@@ -125,29 +125,39 @@ async fn timed(cmd: &mut tokio::process::Command) -> (Duration, bool) {
     (start.elapsed(), ok)
 }
 
+/// The flags of a benchmark host in dc1/web at 10.0.0.1 with TTL 30 s.
+fn host_flags(endpoints: &str, host: &str, machine_id: &str) -> Vec<String> {
+    [
+        "--endpoints",
+        endpoints,
+        "--dc",
+        "dc1",
+        "--role",
+        "web",
+        "--host",
+        host,
+        "--ip",
+        "10.0.0.1",
+        "--machine-id",
+        machine_id,
+        "--ttl",
+        "30s",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 async fn one_shot(runs: usize) -> Vec<(String, String)> {
     let cluster = Cluster::start(1).await;
     let ep = cluster.endpoint_list();
     let mut reg = Vec::new();
     let mut shell = Vec::new();
     for i in 0..runs {
-        let (d, ok) = timed(tokio::process::Command::new(BIN).args([
-            "register",
-            "--endpoints",
-            &ep,
-            "--dc",
-            "dc1",
-            "--role",
-            "web",
-            "--host",
-            &format!("r{i}"),
-            "--ip",
-            "10.0.0.1",
-            "--machine-id",
-            &format!("m{i}"),
-            "--ttl",
-            "30s",
-        ]))
+        let (d, ok) = timed(
+            tokio::process::Command::new(BIN)
+                .arg("register")
+                .args(host_flags(&ep, &format!("r{i}"), &format!("m{i}"))),
+        )
         .await;
         assert!(ok, "registrar register failed");
         reg.push(d);
@@ -233,25 +243,7 @@ async fn steady_state(window: Duration) -> Vec<(String, String)> {
             "--config".into(),
             cfg.to_string_lossy().into_owned(),
         ];
-        args.extend(
-            [
-                "--endpoints",
-                &ep,
-                "--dc",
-                "dc1",
-                "--role",
-                "web",
-                "--host",
-                &format!("a{i}"),
-                "--ip",
-                "10.0.0.1",
-                "--machine-id",
-                &format!("a{i}"),
-                "--ttl",
-                "30s",
-            ]
-            .map(String::from),
-        );
+        args.extend(host_flags(&ep, &format!("a{i}"), &format!("a{i}")));
         agents.push(Agent::spawn("agent", &args));
     }
     // The baseline for memory/CPU: etcdctl lease keep-alive on one lease.

@@ -111,6 +111,22 @@ async fn registered_with_stream_member() -> (Cluster, Agent, i64, usize, usize) 
     (cluster, agent, lease, paused, (paused + 1) % 3)
 }
 
+/// Waits up to 10 s until the watcher has seen a DELETE (`what` names the
+/// expectation in the failure message).
+async fn first_delete(watcher: &Watcher, what: &str) {
+    eventually(Duration::from_secs(10), what, || {
+        let n = watcher.deletes().len();
+        async move {
+            if n > 0 {
+                Ok(())
+            } else {
+                Err("no DELETE yet".to_string())
+            }
+        }
+    })
+    .await;
+}
+
 /// The host's deletes seen by the independent watcher.
 fn gaps(watcher: &Watcher) -> Vec<String> {
     watcher.deletes().into_iter().map(|e| e.key).collect()
@@ -298,21 +314,7 @@ async fn partition_longer_than_the_ttl_recovers_within_two_seconds_of_healing() 
     let lease = wait_registered(&c, Duration::from_secs(10)).await;
     proxies.iter().for_each(|p| p.block(true));
     // The lease expires while the agent cannot reach etcd: a gap.
-    eventually(
-        Duration::from_secs(10),
-        "the lease to expire during the partition",
-        || {
-            let n = watcher.deletes().len();
-            async move {
-                if n > 0 {
-                    Ok(())
-                } else {
-                    Err("no DELETE yet".to_string())
-                }
-            }
-        },
-    )
-    .await;
+    first_delete(&watcher, "the lease to expire during the partition").await;
     proxies.iter().for_each(|p| p.block(false));
     let healed = Instant::now();
     let new = wait_reregistered(&c, lease, Duration::from_secs(10)).await;
@@ -334,21 +336,7 @@ async fn agent_paused_longer_than_the_ttl_re_registers_when_continued() {
     let c = cluster.client_of(0).await;
     let lease = wait_registered(&c, Duration::from_secs(10)).await;
     agent.signal(Signal::SIGSTOP);
-    eventually(
-        Duration::from_secs(10),
-        "the lease to expire while the agent is stopped",
-        || {
-            let n = watcher.deletes().len();
-            async move {
-                if n > 0 {
-                    Ok(())
-                } else {
-                    Err("no DELETE yet".to_string())
-                }
-            }
-        },
-    )
-    .await;
+    first_delete(&watcher, "the lease to expire while the agent is stopped").await;
     agent.signal(Signal::SIGCONT);
     let continued = Instant::now();
     let new = wait_reregistered(&c, lease, Duration::from_secs(10)).await;
