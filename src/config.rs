@@ -1259,13 +1259,12 @@ fn checks_field(p: &mut Problems, raw: &[RawCheck]) -> Vec<crate::check::Spec> {
                     }
                     Some(Kind::Shell(line.clone()))
                 } else if let Some(url) = &c.http {
-                    match reqwest::Url::parse(url) {
-                        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                        _ => p.push(
+                    if crate::check::http::parse(url).is_err() {
+                        p.push(
                             &origin,
                             &field,
                             format_args!("http {url:?} is not an http:// or https:// URL"),
-                        ),
+                        );
                     }
                     Some(Kind::Http(url.clone()))
                 } else if let Some(addr) = &c.tcp {

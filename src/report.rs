@@ -112,11 +112,7 @@ pub struct Composer {
 
 /// Runs the composer until `cancel`: starts the checks, waits for their first
 /// results, then publishes the desired registration on every change.
-pub async fn run(
-    composer: Composer,
-    cancel: CancellationToken,
-    tasks: TaskTracker,
-) -> Result<(), reqwest::Error> {
+pub async fn run(composer: Composer, cancel: CancellationToken, tasks: TaskTracker) {
     let Composer {
         mut config,
         identity,
@@ -135,7 +131,7 @@ pub async fn run(
         &cancel,
         &tasks,
         Some(&metrics),
-    )?;
+    );
     let mut maint = maintenance::Watcher::new(&config.state_dir);
     let mut tick = tokio::time::interval(maintenance::POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -175,11 +171,11 @@ pub async fn run(
             }
         };
         tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
+            _ = cancel.cancelled() => return,
             r = checks.rx.changed() => {
                 if r.is_err() {
                     // Only possible while shutting down.
-                    return Ok(());
+                    return;
                 }
             }
             _ = tick.tick() => {
@@ -214,7 +210,7 @@ pub async fn run(
                             &cancel,
                             &tasks,
                             Some(&metrics),
-                        )?;
+                        );
                         for old in &config.checks {
                             if !new.checks.iter().any(|c| c.name == old.name) {
                                 metrics.check_removed(&old.name);

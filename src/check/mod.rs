@@ -8,7 +8,7 @@
 //! a change, so a stable host causes no raft writes.
 
 mod exec;
-mod http;
+pub mod http;
 mod runner;
 mod tcp;
 
@@ -130,7 +130,7 @@ pub fn cap_output(mut s: String) -> String {
 }
 
 /// Runs a check once, bounded by its timeout.
-pub async fn run_once(spec: &Spec, http: &reqwest::Client) -> Outcome {
+pub async fn run_once(spec: &Spec, http: &http::Client) -> Outcome {
     match &spec.kind {
         Kind::Exec(argv) => exec::run(argv, spec.timeout).await,
         Kind::Shell(line) => {

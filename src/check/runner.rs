@@ -117,14 +117,8 @@ impl CheckSet {
         parent: &CancellationToken,
         tasks: &TaskTracker,
         metrics: Option<&crate::telemetry::Metrics>,
-    ) -> Result<CheckSet, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!(
-                "registrar/",
-                env!("CARGO_PKG_VERSION"),
-                " health check"
-            ))
-            .build()?;
+    ) -> CheckSet {
+        let http = super::http::Client::default();
         let now = Instant::now();
         let wall = SystemTime::now();
         let entries = specs
@@ -202,11 +196,11 @@ impl CheckSet {
                 }
             });
         }
-        Ok(CheckSet {
+        CheckSet {
             rx,
             cancel,
             _shared: shared,
-        })
+        }
     }
 
     /// Stops every check of this set.

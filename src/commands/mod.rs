@@ -329,13 +329,11 @@ async fn run_agent(config: Config, with_checks: bool, control: Control) -> Resul
     let result = tokio::select! {
         r = &mut run => r.map_err(to_failure),
         r = composer => {
-            // The composer ends on shutdown or when the checks cannot start;
-            // either way the agent must finish (and revoke) before we return.
-            let failure = match r {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(anyhow::anyhow!("cannot start the health checks: {e}")),
-                Err(e) => Some(anyhow::anyhow!("the check composer failed: {e}")),
-            };
+            // The composer ends on shutdown, or by panicking; either way the
+            // agent must finish (and revoke) before we return.
+            let failure = r
+                .err()
+                .map(|e| anyhow::anyhow!("the check composer failed: {e}"));
             cancel.cancel();
             let agent_result = run.await.map_err(to_failure);
             match failure {

@@ -387,6 +387,107 @@ async fn http_and_tcp_checks_map_statuses() {
     drop(open);
 }
 
+/// Serves every connection on `listener` with one HTTP answer: `head` is
+/// the status line's code and reason plus any header lines.
+async fn serve_answer<S>(mut sock: S, head: String, body: &'static str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0u8; 1024];
+    let _ = sock.read(&mut buf).await;
+    let resp = format!(
+        "HTTP/1.1 {head}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = sock.write_all(resp.as_bytes()).await;
+    let _ = sock.shutdown().await;
+}
+
+/// An https server (certificate for 127.0.0.1 and localhost, signed by the
+/// test CA) answering 200; it listens on every address so that a name the
+/// certificate does not cover can reach it too.
+async fn https_server(pki: &crate::support::etcd::Pki) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&pki.server_cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&pki.server_key).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(sock).await {
+                    serve_answer(tls, "200 OK".into(), "secure").await;
+                }
+            });
+        }
+    });
+    port
+}
+
+/// An http server redirecting every request to `location`.
+async fn redirect_server(location: String) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let head = format!("302 Found\r\nlocation: {location}");
+            tokio::spawn(serve_answer(sock, head, ""));
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn https_checks_verify_the_server_and_redirects_are_followed() {
+    let cluster = Cluster::start(1).await;
+    let host = Host::new(&cluster);
+    let pki = crate::support::etcd::Pki::generate(host.dir.path());
+    let tls = https_server(&pki).await;
+    let to_tls = redirect_server(format!("https://localhost:{tls}/ok")).await;
+    let looping = redirect_server("/again".into()).await;
+    host.write_config(&format!(
+        "dc: dc1\nroles: [web]\nchecks:\n\
+         - {{name: secure, http: 'https://127.0.0.1:{tls}/ok', interval: 200ms}}\n\
+         - {{name: redirected, http: 'http://127.0.0.1:{to_tls}/', interval: 200ms}}\n\
+         - {{name: wrong_name, http: 'https://127.0.0.2:{tls}/ok', interval: 200ms}}\n\
+         - {{name: looping, http: 'http://127.0.0.1:{looping}/', interval: 200ms}}\n"
+    ));
+    // The system's CA certificates are read from SSL_CERT_FILE when it is set.
+    let mut a = crate::support::proc::registrar();
+    a.args(host.args("agent")).env("SSL_CERT_FILE", &pki.ca);
+    let _agent = crate::support::proc::Agent::spawn_command("agent", a);
+    let c = cluster.client().await;
+    let v = wait_check_status(&c, "secure", "passing").await;
+    assert_eq!(v["output"], "HTTP 200 OK\nsecure", "{v}");
+    let v = wait_check_status(&c, "redirected", "passing").await;
+    assert_eq!(v["output"], "HTTP 200 OK\nsecure", "{v}");
+    let v = wait_check_status(&c, "wrong_name", "critical").await;
+    let out = v["output"].as_str().unwrap();
+    assert!(out.contains("TLS with 127.0.0.2"), "{v}");
+    let v = wait_check_status(&c, "looping", "critical").await;
+    assert!(
+        v["output"]
+            .as_str()
+            .unwrap()
+            .ends_with("more than 5 redirects"),
+        "{v}"
+    );
+}
+
 async fn maintenance(host: &Host, args: &[&str]) {
     let mut a = vec!["maintenance".to_string()];
     a.extend(args.iter().map(|s| s.to_string()));
