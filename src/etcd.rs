@@ -203,7 +203,9 @@ impl Etcd {
             tls_without_identity,
             clients: Mutex::new(vec![None; config.endpoints.len()]),
             endpoints: config.endpoints.clone(),
-            preferred: AtomicUsize::new(0),
+            // A fleet shares one endpoint list: starting everywhere at the
+            // first endpoint would put every host on one member.
+            preferred: AtomicUsize::new(rand::random_range(0..config.endpoints.len().max(1))),
             options,
             request_timeout: config.request_timeout,
             connect_timeout: config.connect_timeout,
@@ -354,5 +356,31 @@ where
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processes_start_at_a_random_endpoint() {
+        let config = EtcdConfig {
+            endpoints: ["http://a:2379", "http://b:2379", "http://c:2379"]
+                .map(String::from)
+                .to_vec(),
+            tls: None,
+            user: None,
+            request_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+        };
+        let mut seen = [0; 3];
+        for _ in 0..300 {
+            let etcd = Etcd::new(&config).expect("no TLS files to read");
+            seen[etcd.preferred()] += 1;
+        }
+        // Each endpoint is expected 100 times; missing one by chance has a
+        // probability of about 3 * (2/3)^300.
+        assert!(seen.iter().all(|n| *n > 0), "{seen:?}");
     }
 }
