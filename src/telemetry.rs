@@ -335,46 +335,81 @@ impl crate::lease::Observer for Telemetry {
     }
 }
 
-/// Serves `/metrics` and `/health` until `cancel`.
+/// Serves `/metrics` and `/health` until `cancel`: HTTP/1.1 on hyper, one
+/// task per connection.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Metrics,
     cancel: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::http::{StatusCode, header};
-    use axum::routing::get;
-    let m1 = metrics.clone();
-    let m2 = metrics;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let m = m1.clone();
-                async move {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        m.render(),
-                    )
+    loop {
+        let (sock, _) = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                // Out of file descriptors and the like: the next accept may
+                // work, and a scrape failing is no reason to stop the agent.
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics server: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
-            }),
-        )
-        .route(
-            "/health",
-            get(move || {
-                let m = m2.clone();
-                async move {
-                    if m.lease_alive() {
-                        (StatusCode::OK, "lease alive\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "lease not alive\n")
-                    }
-                }
-            }),
-        );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
+            },
+        };
+        let metrics = metrics.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let answer = answer(&metrics, req.method(), req.uri().path());
+                async move { Ok::<_, std::convert::Infallible>(answer) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(sock), service);
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = conn => {}
+            }
+        });
+    }
+}
+
+/// The answer to one request of the metrics server.
+fn answer(
+    metrics: &Metrics,
+    method: &hyper::Method,
+    path: &str,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use hyper::{StatusCode, header};
+    let (status, content_type, body) = match (path, method == hyper::Method::GET) {
+        ("/metrics", true) => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        ),
+        ("/health", true) if metrics.lease_alive() => {
+            (StatusCode::OK, "text/plain", "lease alive\n".into())
+        }
+        ("/health", true) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "lease not alive\n".into(),
+        ),
+        ("/metrics" | "/health", false) => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET\n".into(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: this server has /metrics and /health\n".into(),
+        ),
+    };
+    let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    resp
 }

@@ -268,6 +268,7 @@ async fn metrics_and_health_follow_registration_and_lease_loss() {
     );
     assert!(text.trim_end().ends_with("# EOF"), "not OpenMetrics text");
     assert_eq!(get(&format!("{base}/health")).await.0, 200);
+    assert_eq!(get(&format!("{base}/other")).await.0, 404);
 
     // Lease loss: re-registration shows in the metrics.
     c.lease_revoke(lease).await.unwrap();
