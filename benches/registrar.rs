@@ -643,6 +643,14 @@ async fn swarm(n: usize, window: Duration, spread: bool) -> Vec<(String, String)
         .map_or_else(|e| format!("? ({e})"), |h| h.to_string());
     // Steady state.
     tokio::time::sleep(Duration::from_secs(5)).await;
+    // Leases beyond one per host are grants that answered after the host
+    // had given up on them (request timeout); each expires unused, and its
+    // expiry is a proposal.
+    let leases_held = c
+        .clone()
+        .leases()
+        .await
+        .map_or_else(|e| format!("? ({e})"), |r| r.leases().len().to_string());
     let cpu0: f64 = pids.iter().map(|p| proc_usage(*p).0).sum();
     let own0 = proc_usage(std::process::id()).0;
     let p0 = proposals(&cluster.members[0].endpoint()).await;
@@ -758,6 +766,10 @@ async fn swarm(n: usize, window: Duration, spread: bool) -> Vec<(String, String)
         (
             format!("swarm {n}: etcd RSS (3 members)"),
             format!("{:.0} MiB", rss as f64 / 1024.0),
+        ),
+        (
+            format!("swarm {n}: leases in etcd as the steady window starts"),
+            format!("{leases_held} (one per host is {n})"),
         ),
         (
             format!("swarm {n}: raft proposals per minute, steady"),
