@@ -214,7 +214,7 @@ impl Agent<'_> {
                     }
                     WatchEnd::Compacted => {
                         match registration::verify(self.etcd, &reg.written, reg.lease.id).await {
-                            Ok(true) => reg.revision = current_revision(self.etcd).await.unwrap_or(reg.revision),
+                            Ok(Some(revision)) if revision > 0 => reg.revision = revision,
                             _ => {
                                 rewrite = true;
                                 due = Some(Instant::now());
@@ -271,16 +271,6 @@ impl Agent<'_> {
             }
         }
     }
-}
-
-async fn current_revision(etcd: &Etcd) -> Option<i64> {
-    etcd.call(
-        "read revision",
-        |mut c| async move { c.get("\0", None).await },
-    )
-    .await
-    .ok()
-    .and_then(|r| r.header().map(|h| h.revision()))
 }
 
 async fn revoke(etcd: &Etcd, lease: Lease) {

@@ -12,6 +12,12 @@
 //! keep-alive stream, which does notice (its answers have deadlines): when
 //! the keep-alive has moved to another endpoint, the watch moves there too.
 //! That costs a local check per keep-alive period and no messages.
+//!
+//! A re-opened watch does not replay history from the registration: on a
+//! host that has been quiet for days that is days of the whole registry's
+//! changes for etcd to scan, for every host that moves at once when a member
+//! fails. It reads this host's keys instead (one read-only transaction) and
+//! watches from the revision of that read.
 
 use std::time::Duration;
 
@@ -21,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::etcd::{Etcd, EtcdError, bounded};
-use crate::registration::Desired;
+use crate::registration::{Desired, verify};
 
 /// Why watching stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +42,8 @@ pub enum WatchEnd {
 /// Watches every directory of `desired` from `after_revision + 1` and
 /// returns on the first event that removes or replaces one of our keys.
 /// Every `follow_every` it checks whether the keep-alive moved to another
-/// endpoint, and if so moves the watch there.
+/// endpoint, and if so moves the watch there. Before re-opening, it checks
+/// that the keys are still as written and watches from that read.
 pub async fn watch(
     etcd: &Etcd,
     desired: &Desired,
@@ -49,11 +56,39 @@ pub async fn watch(
     let mut backoff = Backoff::standard();
     let mut follow = tokio::time::interval(follow_every);
     follow.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut from = Some(after_revision);
     loop {
-        let opened = tokio::select! {
-            _ = cancel.cancelled() => return WatchEnd::Cancelled,
-            r = open(etcd, idx, desired, after_revision + 1) => r,
+        if from.is_none() {
+            let read = tokio::select! {
+                _ = cancel.cancelled() => return WatchEnd::Cancelled,
+                r = verify(etcd, desired, lease) => r,
+            };
+            match read {
+                Ok(Some(revision)) if revision > 0 => from = Some(revision),
+                Ok(Some(_)) => tracing::debug!("etcd answered without a revision; reading again"),
+                Ok(None) => {
+                    return WatchEnd::Damaged(
+                        "this host's keys changed while its watch was re-opening".into(),
+                    );
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot read this host's keys; retrying"),
+            }
+        }
+        let opened = match from {
+            Some(revision) => tokio::select! {
+                _ = cancel.cancelled() => return WatchEnd::Cancelled,
+                r = open(etcd, idx, desired, revision + 1) => r,
+            },
+            None => {
+                tokio::select! {
+                    _ = cancel.cancelled() => return WatchEnd::Cancelled,
+                    _ = sleep(backoff.next_delay()) => {}
+                }
+                continue;
+            }
         };
+        // Any later opening reads the keys first.
+        from = None;
         match opened {
             Ok(mut stream) => {
                 backoff.reset();

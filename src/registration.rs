@@ -471,12 +471,21 @@ pub async fn deregister(etcd: &Etcd, desired: &Desired) -> Result<Deregistered, 
     Ok(Deregistered::Removed)
 }
 
-/// Whether every desired key is in etcd with its value and `lease` (a read
-/// only; used to avoid a write after the watch lost its history).
-pub async fn verify(etcd: &Etcd, desired: &Desired, lease: i64) -> Result<bool, EtcdError> {
-    let seen = read_dirs(etcd, desired, "verify registration").await?;
-    Ok(desired.kvs.iter().all(|(k, v)| {
+/// Whether every desired key is in etcd with its value and `lease`: the
+/// revision of the read when they all are, `None` when one is not. A read
+/// only (a read-only transaction is no raft proposal); a watch started
+/// after the returned revision misses nothing.
+pub async fn verify(etcd: &Etcd, desired: &Desired, lease: i64) -> Result<Option<i64>, EtcdError> {
+    let resp = run_txn(
+        etcd,
+        "verify registration",
+        Txn::new().and_then(dir_reads(desired)),
+    )
+    .await?;
+    let seen = collect_seen(&resp);
+    let intact = desired.kvs.iter().all(|(k, v)| {
         seen.get(k)
             .is_some_and(|s| s.lease == lease && &s.value == v)
-    }))
+    });
+    Ok(intact.then(|| resp.header().map_or(0, |h| h.revision())))
 }
