@@ -75,10 +75,13 @@ impl Agent<'_> {
             _ = cancel.cancelled() => return Ok(()),
             r = self.desired.wait_for(Option::is_some) => if r.is_err() { return Ok(()) },
         }
+        // The registration and hold futures are boxed: polled in place they
+        // made this function's poll frame deep enough to keep 45 KiB more
+        // stack resident for the agent's whole life.
         loop {
             let attempt = tokio::select! {
                 _ = cancel.cancelled() => break,
-                r = self.register(&mut lease) => r,
+                r = Box::pin(self.register(&mut lease)) => r,
             };
             match attempt {
                 Ok(mut reg) => {
@@ -93,7 +96,7 @@ impl Agent<'_> {
                     );
                     observer.registered(reg.lease, &reg.written, !registered_once);
                     registered_once = true;
-                    match self.hold(&mut reg, cancel, observer).await {
+                    match Box::pin(self.hold(&mut reg, cancel, observer)).await {
                         Held::Cancelled => break,
                         Held::Lost(why) => {
                             tracing::warn!("{why}; granting a new lease and re-registering");
