@@ -69,6 +69,7 @@ impl Agent<'_> {
     ) -> Result<(), AgentError> {
         let mut backoff = Backoff::standard();
         let mut lease: Option<(Lease, Instant)> = None;
+        let mut pending: Option<(i64, Instant)> = None;
         let mut registered_once = false;
         // Wait for the first complete report (first check results).
         tokio::select! {
@@ -81,7 +82,7 @@ impl Agent<'_> {
         loop {
             let attempt = tokio::select! {
                 _ = cancel.cancelled() => break,
-                r = Box::pin(self.register(&mut lease)) => r,
+                r = Box::pin(self.register(&mut lease, &mut pending)) => r,
             };
             match attempt {
                 Ok(mut reg) => {
@@ -138,9 +139,15 @@ impl Agent<'_> {
         self.desired.borrow().clone()
     }
 
+    /// Grants a lease unless `lease` holds one, then writes the keys.
+    /// `pending` is the id of a grant not yet known to have succeeded and
+    /// when it was first tried: a retry asks for the same id, so a grant
+    /// that took effect unseen is found and used, and the keep-alive timing
+    /// counts from the first try, which is no later than the grant.
     async fn register(
         &self,
         lease: &mut Option<(Lease, Instant)>,
+        pending: &mut Option<(i64, Instant)>,
     ) -> Result<Registered, RegisterError> {
         let Some(desired) = self.current() else {
             return Err(RegisterError::Contended);
@@ -148,8 +155,10 @@ impl Agent<'_> {
         let (l, since) = match *lease {
             Some(pair) => pair,
             None => {
-                let since = Instant::now();
-                let l = registration::grant(self.etcd, self.ttl).await?;
+                let (id, since) =
+                    *pending.get_or_insert_with(|| (registration::new_lease_id(), Instant::now()));
+                let l = registration::grant(self.etcd, self.ttl, id).await?;
+                *pending = None;
                 *lease = Some((l, since));
                 (l, since)
             }

@@ -11,7 +11,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, LeaseGrantOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
 
 use crate::etcd::{Class, Etcd, EtcdError, Transient};
 use crate::identity::Identity;
@@ -147,26 +149,85 @@ struct Seen {
     mod_revision: i64,
 }
 
-/// Grants a lease of `ttl`.
-pub async fn grant(etcd: &Etcd, ttl: Duration) -> Result<Lease, EtcdError> {
+/// A fresh lease id for [`grant`]. etcd takes a client's choice of id; 63
+/// random bits do not collide.
+pub fn new_lease_id() -> i64 {
+    rand::random_range(1..i64::MAX)
+}
+
+/// Grants lease `id` with `ttl`.
+///
+/// A grant whose answer was lost (a timeout, a connection cut) may have
+/// been granted all the same. Retried with the same id, it finds "lease
+/// already exists" and uses that lease, which can only be ours, instead of
+/// granting a second one while the first expires unused (each expiry is a
+/// raft proposal, and a storm of timeouts makes many). Callers keep `id`
+/// across retries and draw a new one once a grant has succeeded.
+pub async fn grant(etcd: &Etcd, ttl: Duration, id: i64) -> Result<Lease, EtcdError> {
     let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
-    let resp = etcd
-        .call("grant lease", |mut c| async move {
-            c.lease_grant(secs, None).await
-        })
-        .await?;
-    let granted = Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0));
-    if granted != ttl {
+    let mut taken = None;
+    // Twice at most: again only if the lease found under `id` expired
+    // before it could be looked at, which frees the id.
+    for _ in 0..2 {
+        let grant = etcd
+            .call("grant lease", |mut c| async move {
+                c.lease_grant(secs, Some(LeaseGrantOptions::new().with_id(id)))
+                    .await
+            })
+            .await;
+        match grant {
+            Ok(resp) => return Ok(granted(id, ttl, resp.ttl())),
+            Err(e) if e.to_string().contains("lease already exists") => {
+                let resp = etcd
+                    .call("lease time-to-live", |mut c| async move {
+                        c.lease_time_to_live(id, None).await
+                    })
+                    .await?;
+                if resp.ttl() > 0 {
+                    tracing::debug!(
+                        lease = format_args!("{id:x}"),
+                        "an earlier try of this grant took effect; using its lease"
+                    );
+                    return Ok(granted(id, ttl, resp.granted_ttl()));
+                }
+                taken = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // Only if something else keeps granting this very id: worth a retry.
+    Err(match taken {
+        Some(EtcdError::Call {
+            endpoint,
+            what,
+            cause,
+            ..
+        }) => EtcdError::Call {
+            endpoint,
+            what,
+            class: Class::Retry,
+            cause,
+        },
+        Some(other) => other,
+        None => EtcdError::Timeout {
+            endpoint: "(none)".into(),
+            what: "grant lease",
+            after: Duration::ZERO,
+        },
+    })
+}
+
+/// The lease etcd granted, warning when its TTL is not the one asked for.
+fn granted(id: i64, requested: Duration, secs: i64) -> Lease {
+    let ttl = Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    if ttl != requested {
         tracing::warn!(
-            requested = %humantime::format_duration(ttl),
-            granted = %humantime::format_duration(granted),
+            requested = %humantime::format_duration(requested),
+            granted = %humantime::format_duration(ttl),
             "etcd granted a different TTL than requested (it raises TTLs below its minimum); using the granted one"
         );
     }
-    Ok(Lease {
-        id: resp.id(),
-        ttl: granted,
-    })
+    Lease { id, ttl }
 }
 
 /// Revokes a lease; a lease that is already gone counts as revoked.

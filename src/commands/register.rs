@@ -20,7 +20,9 @@ pub async fn run(
     let desired = one_shot_desired(config, &p.identity);
     let deadline = Instant::now() + timeout;
     let work = async {
-        let lease = retry_until(deadline, || registration::grant(&p.etcd, config.ttl))
+        // One id for every try, so a retried grant finds its own lease.
+        let id = registration::new_lease_id();
+        let lease = retry_until(deadline, || registration::grant(&p.etcd, config.ttl, id))
             .await
             .map_err(RegisterError::Etcd)?;
         let written = retry_until(deadline, || async {

@@ -344,3 +344,35 @@ async fn sighup_does_not_kill_the_agent() {
     a.signal(Signal::SIGTERM);
     assert_eq!(a.wait_exit(Duration::from_secs(10)).await, 0);
 }
+
+#[tokio::test]
+async fn a_grant_retried_with_its_id_uses_the_lease_it_already_granted() {
+    use registrar::registration::{grant, new_lease_id};
+    let cluster = Cluster::start(1).await;
+    let etcd = registrar::etcd::Etcd::new(&registrar::config::EtcdConfig {
+        endpoints: cluster.endpoints(),
+        tls: None,
+        user: None,
+        request_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(3),
+    })
+    .unwrap();
+    let id = new_lease_id();
+    let first = grant(&etcd, Duration::from_secs(30), id).await.unwrap();
+    assert_eq!(first.id, id);
+    // As if the first answer had been lost to a timeout: the same grant again.
+    let again = grant(&etcd, Duration::from_secs(30), id).await.unwrap();
+    assert_eq!((again.id, again.ttl), (id, Duration::from_secs(30)));
+    let mut c = cluster.client().await;
+    let leases = c.leases().await.unwrap();
+    assert_eq!(
+        leases.leases().iter().map(|l| l.id()).collect::<Vec<_>>(),
+        vec![id],
+        "a retried grant must not leave a second lease"
+    );
+    // A new id is a new lease.
+    let other = grant(&etcd, Duration::from_secs(30), new_lease_id())
+        .await
+        .unwrap();
+    assert_ne!(other.id, id);
+}
