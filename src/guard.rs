@@ -56,25 +56,36 @@ pub async fn watch(
     let mut backoff = Backoff::standard();
     let mut follow = tokio::time::interval(follow_every);
     follow.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first opening starts after `after_revision`; any later one reads
+    // the keys first and starts after that read.
     let mut from = Some(after_revision);
     loop {
-        if from.is_none() {
-            let read = tokio::select! {
-                _ = cancel.cancelled() => return WatchEnd::Cancelled,
-                r = verify(etcd, desired, lease) => r,
-            };
-            match read {
-                Ok(Some(revision)) if revision > 0 => from = Some(revision),
-                Ok(Some(_)) => tracing::debug!("etcd answered without a revision; reading again"),
-                Ok(None) => {
-                    return WatchEnd::Damaged(
-                        "this host's keys changed while its watch was re-opening".into(),
-                    );
+        let start = match from.take() {
+            Some(revision) => Some(revision),
+            None => {
+                let read = tokio::select! {
+                    _ = cancel.cancelled() => return WatchEnd::Cancelled,
+                    r = verify(etcd, desired, lease) => r,
+                };
+                match read {
+                    Ok(Some(revision)) if revision > 0 => Some(revision),
+                    Ok(Some(_)) => {
+                        tracing::debug!("etcd answered without a revision; reading again");
+                        None
+                    }
+                    Ok(None) => {
+                        return WatchEnd::Damaged(
+                            "this host's keys changed while its watch was re-opening".into(),
+                        );
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot read this host's keys; retrying");
+                        None
+                    }
                 }
-                Err(e) => tracing::debug!(error = %e, "cannot read this host's keys; retrying"),
             }
-        }
-        let opened = match from {
+        };
+        let opened = match start {
             Some(revision) => tokio::select! {
                 _ = cancel.cancelled() => return WatchEnd::Cancelled,
                 r = open(etcd, idx, desired, revision + 1) => r,
@@ -87,8 +98,6 @@ pub async fn watch(
                 continue;
             }
         };
-        // Any later opening reads the keys first.
-        from = None;
         match opened {
             Ok(mut stream) => {
                 backoff.reset();

@@ -165,10 +165,11 @@ pub fn new_lease_id() -> i64 {
 /// across retries and draw a new one once a grant has succeeded.
 pub async fn grant(etcd: &Etcd, ttl: Duration, id: i64) -> Result<Lease, EtcdError> {
     let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
-    let mut taken = None;
     // Twice at most: again only if the lease found under `id` expired
     // before it could be looked at, which frees the id.
-    for _ in 0..2 {
+    let mut tries = 0;
+    loop {
+        tries += 1;
         let grant = etcd
             .call("grant lease", |mut c| async move {
                 c.lease_grant(secs, Some(LeaseGrantOptions::new().with_id(id)))
@@ -190,31 +191,28 @@ pub async fn grant(etcd: &Etcd, ttl: Duration, id: i64) -> Result<Lease, EtcdErr
                     );
                     return Ok(granted(id, ttl, resp.granted_ttl()));
                 }
-                taken = Some(e);
+                if tries == 2 {
+                    // Something else keeps granting this very id: not a
+                    // reason to give up, so worth a retry.
+                    return Err(match e {
+                        EtcdError::Call {
+                            endpoint,
+                            what,
+                            cause,
+                            ..
+                        } => EtcdError::Call {
+                            endpoint,
+                            what,
+                            class: Class::Retry,
+                            cause,
+                        },
+                        other => other,
+                    });
+                }
             }
             Err(e) => return Err(e),
         }
     }
-    // Only if something else keeps granting this very id: worth a retry.
-    Err(match taken {
-        Some(EtcdError::Call {
-            endpoint,
-            what,
-            cause,
-            ..
-        }) => EtcdError::Call {
-            endpoint,
-            what,
-            class: Class::Retry,
-            cause,
-        },
-        Some(other) => other,
-        None => EtcdError::Timeout {
-            endpoint: "(none)".into(),
-            what: "grant lease",
-            after: Duration::ZERO,
-        },
-    })
 }
 
 /// The lease etcd granted, warning when its TTL is not the one asked for.
@@ -336,14 +334,16 @@ fn dir_reads(desired: &Desired) -> Vec<TxnOp> {
         .collect()
 }
 
-/// Every key in the host's directories, read at one revision.
+/// Every key in the host's directories, read at one revision, and that
+/// revision (0 if etcd did not say).
 async fn read_dirs(
     etcd: &Etcd,
     desired: &Desired,
     what: &'static str,
-) -> Result<BTreeMap<String, Seen>, EtcdError> {
+) -> Result<(BTreeMap<String, Seen>, i64), EtcdError> {
     let resp = run_txn(etcd, what, Txn::new().and_then(dir_reads(desired))).await?;
-    Ok(collect_seen(&resp))
+    let revision = resp.header().map_or(0, |h| h.revision());
+    Ok((collect_seen(&resp), revision))
 }
 
 /// The owner recorded next to the keys of one lease.
@@ -481,7 +481,7 @@ pub enum Deregistered {
 /// its directories and deletes keys left without a lease. Refuses to touch a
 /// live registration of another machine.
 pub async fn deregister(etcd: &Etcd, desired: &Desired) -> Result<Deregistered, RegisterError> {
-    let seen = read_dirs(etcd, desired, "read registration").await?;
+    let (seen, _) = read_dirs(etcd, desired, "read registration").await?;
     if seen.is_empty() {
         return Ok(Deregistered::NothingRegistered);
     }
@@ -537,16 +537,10 @@ pub async fn deregister(etcd: &Etcd, desired: &Desired) -> Result<Deregistered, 
 /// only (a read-only transaction is no raft proposal); a watch started
 /// after the returned revision misses nothing.
 pub async fn verify(etcd: &Etcd, desired: &Desired, lease: i64) -> Result<Option<i64>, EtcdError> {
-    let resp = run_txn(
-        etcd,
-        "verify registration",
-        Txn::new().and_then(dir_reads(desired)),
-    )
-    .await?;
-    let seen = collect_seen(&resp);
+    let (seen, revision) = read_dirs(etcd, desired, "verify registration").await?;
     let intact = desired.kvs.iter().all(|(k, v)| {
         seen.get(k)
             .is_some_and(|s| s.lease == lease && &s.value == v)
     });
-    Ok(intact.then(|| resp.header().map_or(0, |h| h.revision())))
+    Ok(intact.then_some(revision))
 }
