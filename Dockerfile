@@ -1,9 +1,10 @@
 # Multi-stage build of registrar: a Rust build stage, then a slim runtime.
 FROM rust:1-bookworm AS build
-RUN apt-get update \
- && apt-get install -y --no-install-recommends protobuf-compiler \
- && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# protoc and the google/protobuf includes for etcd-client's build: the same
+# package list as ./scripts/install-deps uses, from scripts/deps.
+COPY scripts/deps scripts/install-deps scripts/
+RUN ./scripts/install-deps build && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN cargo build --release --locked --bin registrar \
  && strip target/release/registrar

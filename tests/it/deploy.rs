@@ -672,3 +672,63 @@ fn units_bundle_and_compose_agree() {
         "{roles:?} flapping={flapping} watcher={watcher}"
     );
 }
+
+/// Runs `scripts/install-deps --dry-run GROUPS` against a fake root holding
+/// only `present`; returns (exit code, stdout).
+fn install_deps_dry_run(present: &[&str], groups: &[&str]) -> (i32, String) {
+    let root = tempfile::tempdir().unwrap();
+    for file in present {
+        let path = root.path().join(file.trim_start_matches('/'));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, "").unwrap();
+    }
+    let out = std::process::Command::new(format!(
+        "{}/scripts/install-deps",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .arg("--dry-run")
+    .args(groups)
+    .env("REGISTRAR_DEPS_ROOT", root.path())
+    .output()
+    .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn install_deps_decides_by_files_not_commands() {
+    // protoc present but not the well-known .proto includes etcd-client's
+    // build imports: the machine that once built nothing.
+    let (code, out) = install_deps_dry_run(
+        &["/usr/bin/protoc", "/usr/bin/etcd", "/usr/bin/etcdctl"],
+        &["build", "etcd"],
+    );
+    assert_eq!((code, out.trim()), (0, "would install: libprotobuf-dev"));
+
+    // Everything there: nothing to do, nothing printed.
+    let all = [
+        "/usr/bin/protoc",
+        "/usr/include/google/protobuf/descriptor.proto",
+        "/usr/include/google/protobuf/timestamp.proto",
+        "/usr/bin/etcd",
+        "/usr/bin/etcdctl",
+    ];
+    assert_eq!(
+        install_deps_dry_run(&all, &["build", "etcd"]),
+        (0, String::new())
+    );
+
+    // A bare machine: each package once, in the table's order.
+    let (code, out) = install_deps_dry_run(&[], &["build", "etcd", "test"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.trim(),
+        "would install: protobuf-compiler libprotobuf-dev etcd-server etcd-client haproxy jq systemd"
+    );
+
+    // A misspelt group is an error that names the known ones.
+    let (code, _) = install_deps_dry_run(&[], &["biuld"]);
+    assert_eq!(code, 2);
+}
