@@ -88,10 +88,12 @@ pub fn classify(e: &etcd_client::Error) -> Class {
             let msg = status.message();
             match status.code() {
                 _ if msg.contains("requested lease not found") => Class::LeaseGone,
-                // etcd 3.4 reports bad credentials as InvalidArgument.
+                // etcd 3.4 and 3.5 report bad credentials, and none where
+                // auth is on ("user name is empty"), as InvalidArgument.
                 _ if msg.contains("authentication failed")
                     || msg.contains("permission denied")
                     || msg.contains("user name not found")
+                    || msg.contains("user name is empty")
                     || msg.contains("authentication is not enabled") =>
                 {
                     Class::Auth

@@ -7,6 +7,7 @@ mod agent;
 mod checks;
 mod consumers;
 mod deploy;
+mod etcd_errors;
 mod faults;
 mod one_shot;
 mod security;

@@ -155,6 +155,17 @@ async fn auth_with_least_privilege_and_expiring_tokens() {
         "the password appeared in the error"
     );
 
+    // No credentials where etcd requires them: etcd 3.4 and 3.5 answer
+    // InvalidArgument "user name is empty", which is an auth problem (77)
+    // with a hint, not a runtime failure.
+    let anonymous = run(&cmd(
+        "register",
+        host_args(&eps, "dc1", "web", "h1", "m1", "6s"),
+    ))
+    .await;
+    assert_eq!(anonymous.code, 77, "no --user: {}", anonymous.stderr);
+    assert!(anonymous.stderr.contains("--user"), "{}", anonymous.stderr);
+
     // Writing another host's prefix is denied by etcd, and reported as such.
     let other = run(&[
         cmd("register", host_args(&eps, "dc1", "web", "h2", "m1", "6s")),

@@ -1,4 +1,6 @@
-//! Real etcd clusters (Debian's etcd-server) in temp dirs.
+//! Real etcd clusters in temp dirs: Debian's etcd-server (3.4) by default,
+//! or the binary named by `REGISTRAR_TEST_ETCD` (./scripts/test points it at
+//! etcd 3.5 for the second part of its run).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -14,6 +16,14 @@ use super::{eventually, free_port};
 /// (1.5 x election timeout) is 1 s, so tests can use TTLs of 2-3 s.
 const HEARTBEAT_MS: &str = "50";
 const ELECTION_MS: &str = "500";
+
+/// The etcd binary the tests run: `$REGISTRAR_TEST_ETCD`, else `etcd` on PATH.
+pub fn etcd_binary() -> PathBuf {
+    std::env::var_os("REGISTRAR_TEST_ETCD")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("etcd"))
+}
 
 pub struct Member {
     pub name: String,
@@ -191,7 +201,8 @@ impl Cluster {
             .append(true)
             .open(&m.log)
             .expect("etcd log file");
-        let child = Command::new("etcd")
+        let binary = etcd_binary();
+        let child = Command::new(&binary)
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data_dir)
@@ -210,7 +221,13 @@ impl Cluster {
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
             .spawn()
-            .expect("start etcd (is etcd-server installed? ./scripts/test installs it)");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} ({e}); ./scripts/test installs etcd-server, \
+                     and REGISTRAR_TEST_ETCD must name an etcd binary",
+                    binary.display()
+                )
+            });
         m.child = Some(child);
     }
 
