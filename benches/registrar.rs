@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions};
 use nix::sys::signal::Signal;
-use registrar::agent::Agent as InProcessAgent;
 use registrar::etcd::Etcd;
 use registrar::identity::Identity;
 use registrar::registration::{Desired, Spec};
@@ -466,7 +465,7 @@ impl registrar::lease::Observer for HostObserver {
         self.tally.alive.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn registered(&self, _lease: registrar::registration::Lease, _desired: &Desired, _first: bool) {
+    fn registered(&self, _lease: registrar::lease::Lease, _desired: &Desired, _first: bool) {
         let now = self.tally.ms(Instant::now());
         let _ = self.tally.first[self.host].compare_exchange(
             0,
@@ -592,6 +591,7 @@ async fn swarm(n: usize, window: Duration, spread: bool) -> Vec<(String, String)
                 meta: &empty_meta,
                 health: "passing",
                 checks: &empty_checks,
+                passing: 0,
                 maintenance: None,
                 withdrawn: false,
             },
@@ -606,12 +606,14 @@ async fn swarm(n: usize, window: Duration, spread: bool) -> Vec<(String, String)
         };
         tasks.push(tokio::spawn(async move {
             let _keep = _tx;
-            let mut agent = InProcessAgent {
-                etcd: &etcd,
-                ttl: Duration::from_secs(30),
-                desired: rx,
-            };
-            let _ = agent.run(&cancel, &observer).await;
+            let _ = registrar::agent::keep_registered(
+                etcd,
+                Duration::from_secs(30),
+                rx,
+                Arc::new(observer),
+                cancel,
+            )
+            .await;
         }));
     }
     let c = cluster.client_of(0).await;

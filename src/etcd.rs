@@ -15,12 +15,46 @@ use std::time::Duration;
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use tokio::time::{Instant, timeout};
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, Policy};
 use crate::config::EtcdConfig;
 
 /// HTTP/2 keep-alive ping interval; etcd's default enforcement minimum is 5 s.
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An etcd revision. etcd's revisions start at 1, and a header without one
+/// says 0, so "unknown" is `Option<Revision>`, never a 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Revision(i64);
+
+impl Revision {
+    /// A revision as etcd reports it; `None` for 0 (not reported).
+    pub fn of(raw: i64) -> Option<Revision> {
+        (raw > 0).then_some(Revision(raw))
+    }
+
+    /// The revision of a response's header, if it has one.
+    pub fn of_header(header: Option<&etcd_client::ResponseHeader>) -> Option<Revision> {
+        header.and_then(|h| Revision::of(h.revision()))
+    }
+
+    /// The revision on the wire.
+    pub fn get(self) -> i64 {
+        self.0
+    }
+
+    /// The revision after this one, where a watch that has seen this one
+    /// starts.
+    pub fn next(self) -> i64 {
+        self.0.saturating_add(1)
+    }
+}
+
+impl std::fmt::Display for Revision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// What to do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,6 +356,64 @@ impl Etcd {
             what,
             after: Duration::ZERO,
         }))
+    }
+}
+
+/// Where one long-lived stream (a keep-alive, a watch) runs among the
+/// endpoints, and how long to wait before its next re-open.
+///
+/// A stream that fails or goes silent moves to the next endpoint; the move
+/// is returned to the caller, who says it to whoever follows that stream.
+/// Nothing here reads or changes the endpoint unary calls prefer.
+#[derive(Debug)]
+pub struct Rotation {
+    idx: usize,
+    backoff: Backoff,
+}
+
+impl Rotation {
+    /// The endpoint the stream is on.
+    pub fn endpoint(&self) -> usize {
+        self.idx
+    }
+
+    /// The client for the stream's endpoint.
+    pub async fn client(&self, etcd: &Etcd) -> Result<Client, EtcdError> {
+        etcd.client_at(self.idx).await
+    }
+
+    /// The stream is open and answering: the next failure waits little.
+    pub fn opened(&mut self) {
+        self.backoff.reset();
+    }
+
+    /// The stream failed on its endpoint: drop that connection and move to
+    /// the next endpoint, which is returned.
+    pub fn failed(&mut self, etcd: &Etcd) -> usize {
+        etcd.forget(self.idx);
+        self.idx = etcd.next(self.idx);
+        self.idx
+    }
+
+    /// Moves the stream to `idx` (to follow another stream).
+    pub fn move_to(&mut self, idx: usize) {
+        self.idx = idx;
+    }
+
+    /// Waits before the next re-open; `false` when `cancel` fired first.
+    pub async fn pause(&mut self, cancel: &tokio_util::sync::CancellationToken) -> bool {
+        self.backoff.pause(cancel).await
+    }
+}
+
+impl Etcd {
+    /// A stream's place among the endpoints, starting at `start` (default:
+    /// the endpoint unary calls prefer now), retrying under `policy`.
+    pub fn rotation(&self, start: Option<usize>, policy: Policy) -> Rotation {
+        Rotation {
+            idx: start.unwrap_or_else(|| self.preferred()) % self.endpoints.len().max(1),
+            backoff: policy.start(),
+        }
     }
 }
 

@@ -1,34 +1,186 @@
-//! Keeping one lease alive, and noticing when it is lost (contract rule 3).
+//! The lease session: one task that owns this host's lease. It grants it,
+//! keeps it alive, notices its loss, grants a new one, and revokes it on
+//! shutdown; shaped like etcd's `concurrency.Session`.
 //!
-//! Three traps shape this loop, each verified against etcd 3.4:
-//! - etcd answers a keep-alive for a revoked or expired lease with TTL 0 on a
-//!   healthy stream, and etcd-client passes that through as `Ok`. So every
-//!   response's TTL is checked; `LeaseKeeper::keep_alive()` returning `Ok`
+//! Invariant: **nothing else can delay a keep-alive.** The session runs as
+//! its own task and awaits nothing but its own etcd calls, so a write that
+//! hangs on a stalled member, a repair, a check run or a reload runs beside
+//! it. (A keep-alive that waits behind a slow write loses the lease: with a
+//! 6 s TTL and a 5 s request timeout, one hung transaction is enough.)
+//!
+//! Others see the session through a watch channel of [`State`]: `Granting`
+//! while there is no lease in force, `Held` with the lease and the endpoint
+//! its keep-alive stream runs on. A change of lease id *is* the lost signal.
+//!
+//! Three traps shape the keep-alive loop, each verified against etcd 3.4
+//! and 3.5 (`tests/it/etcd_errors.rs`):
+//! - etcd answers a keep-alive for a revoked or expired lease with TTL 0 on
+//!   a healthy stream, and etcd-client passes that through as `Ok`. So every
+//!   answer's TTL is checked; `LeaseKeeper::keep_alive()` returning `Ok`
 //!   only means the request was queued.
 //! - A paused (SIGSTOPped) member keeps the TCP connection open and never
-//!   answers: the stream goes silent with no error. So every response has a
-//!   deadline of TTL/3, after which the stream is torn down and reopened on
-//!   the next endpoint.
-//! - etcd raises small TTLs to its minimum, so the period is TTL/3 of the
+//!   answers: the stream goes silent with no error. So every answer has a
+//!   deadline of TTL/3, after which the stream is reopened on the next
+//!   endpoint.
+//! - etcd raises small TTLs to its minimum, so the period is a third of the
 //!   *granted* TTL.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
-use tokio::time::{Instant, sleep, sleep_until};
+use etcd_client::{LeaseGrantOptions, LeaseKeepAliveStream, LeaseKeeper};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
-use crate::etcd::{Class, Etcd, EtcdError, bounded, classify};
-use crate::registration::{Lease, time_to_live};
+use crate::backoff::{Backoff, Ended, Outage, Policy};
+use crate::etcd::{Class, Etcd, EtcdError, Rotation, bounded, classify};
+use crate::registration::Desired;
 
-/// Why keeping the lease alive stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeepAliveEnd {
-    /// Shutdown was requested; the lease is still alive.
-    Cancelled,
-    /// The lease is gone; the reason says how we know.
-    Lost(String),
+/// An etcd lease id. etcd never grants 0 (its "no lease"), so "no lease"
+/// is `Option<LeaseId>`, never a 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LeaseId(i64);
+
+impl LeaseId {
+    /// The id of a key's lease as etcd reports it; `None` for 0 (no lease).
+    pub fn of(raw: i64) -> Option<LeaseId> {
+        (raw != 0).then_some(LeaseId(raw))
+    }
+
+    /// A fresh id for [`grant`]. etcd takes a client's choice of id; 63
+    /// random bits do not collide.
+    pub fn random() -> LeaseId {
+        LeaseId(rand::random_range(1..i64::MAX))
+    }
+
+    /// The id on the wire.
+    pub fn get(self) -> i64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for LeaseId {
+    /// Hex, as etcdctl prints lease ids.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}", self.0)
+    }
+}
+
+/// A granted lease. `ttl` is what etcd granted, which may be more than was
+/// asked for: etcd raises small TTLs to its minimum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub id: LeaseId,
+    pub ttl: Duration,
+}
+
+/// The keep-alive period for a granted TTL: a third of it.
+pub fn period(ttl: Duration) -> Duration {
+    (ttl / 3).max(Duration::from_millis(100))
+}
+
+/// Grants lease `id` with `ttl`.
+///
+/// A grant whose answer was lost (a timeout, a connection cut) may have
+/// been granted all the same. Retried with the same id, it finds "lease
+/// already exists" and uses that lease, which can only be ours, instead of
+/// granting a second one while the first expires unused (each expiry is a
+/// raft proposal, and a storm of timeouts makes many). Callers keep `id`
+/// across retries and draw a new one once a grant has succeeded.
+pub async fn grant(etcd: &Etcd, ttl: Duration, id: LeaseId) -> Result<Lease, EtcdError> {
+    let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+    // Twice at most: again only if the lease found under `id` expired
+    // before it could be looked at, which frees the id.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let grant = etcd
+            .call("grant lease", |mut c| async move {
+                c.lease_grant(secs, Some(LeaseGrantOptions::new().with_id(id.get())))
+                    .await
+            })
+            .await;
+        match grant {
+            Ok(resp) => return Ok(granted(id, ttl, resp.ttl())),
+            Err(e) if e.to_string().contains("lease already exists") => {
+                let resp = etcd
+                    .call("lease time-to-live", |mut c| async move {
+                        c.lease_time_to_live(id.get(), None).await
+                    })
+                    .await?;
+                if resp.ttl() > 0 {
+                    tracing::debug!(
+                        lease = %id,
+                        "an earlier try of this grant took effect; using its lease"
+                    );
+                    return Ok(granted(id, ttl, resp.granted_ttl()));
+                }
+                if tries == 2 {
+                    // Something else keeps granting this very id: not a
+                    // reason to give up, so worth a retry.
+                    return Err(match e {
+                        EtcdError::Call {
+                            endpoint,
+                            what,
+                            cause,
+                            ..
+                        } => EtcdError::Call {
+                            endpoint,
+                            what,
+                            class: Class::Retry,
+                            cause,
+                        },
+                        other => other,
+                    });
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The lease etcd granted, warning when its TTL is not the one asked for.
+fn granted(id: LeaseId, requested: Duration, secs: i64) -> Lease {
+    let ttl = Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    if ttl != requested {
+        tracing::warn!(
+            requested = %humantime::format_duration(requested),
+            granted = %humantime::format_duration(ttl),
+            "etcd granted a different TTL than requested (it raises TTLs below its minimum); using the granted one"
+        );
+    }
+    Lease { id, ttl }
+}
+
+/// Revokes a lease; a lease that is already gone counts as revoked.
+pub async fn revoke(etcd: &Etcd, lease: LeaseId) -> Result<(), EtcdError> {
+    match etcd
+        .call("revoke lease", |mut c| async move {
+            c.lease_revoke(lease.get()).await
+        })
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.class() == Class::LeaseGone => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Remaining TTL of a lease, or `None` when it no longer exists.
+pub async fn time_to_live(etcd: &Etcd, lease: LeaseId) -> Result<Option<Duration>, EtcdError> {
+    match etcd
+        .call("lease time-to-live", |mut c| async move {
+            c.lease_time_to_live(lease.get(), None).await
+        })
+        .await
+    {
+        Ok(r) if r.ttl() > 0 => Ok(Some(Duration::from_secs(r.ttl().unsigned_abs()))),
+        Ok(_) => Ok(None),
+        Err(e) if e.class() == Class::LeaseGone => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Observations of the agent, for systemd and metrics. Every method has a
@@ -38,16 +190,12 @@ pub trait Observer: Send + Sync {
     fn alive(&self, _ttl: Duration) {}
     /// A whole TTL passed without a successful keep-alive.
     fn unconfirmed(&self) {}
+    /// etcd answers again after an outage, and `lease` lived through it.
+    fn recovered(&self, _lease: Lease, _outage: &Ended) {}
     /// The host was written with `lease`; `first` is the first time.
-    fn registered(
-        &self,
-        _lease: crate::registration::Lease,
-        _desired: &crate::registration::Desired,
-        _first: bool,
-    ) {
-    }
+    fn registered(&self, _lease: Lease, _desired: &Desired, _first: bool) {}
     /// What the host reports changed and was written.
-    fn updated(&self, _desired: &crate::registration::Desired) {}
+    fn updated(&self, _desired: &Desired) {}
     /// An etcd call failed; the agent retries.
     fn failed(&self, _error: &str, _class: Class) {}
     /// The host name is held by another machine; the agent retries.
@@ -58,172 +206,414 @@ pub trait Observer: Send + Sync {
     fn stopping(&self) {}
 }
 
-enum StreamEnd {
-    Cancelled,
-    Lost,
-    Broken(String),
+/// What the session holds, as the others see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// No lease in force: the first grant, or a new one after a loss.
+    Granting,
+    /// `lease` is in force. Its keep-alive stream runs on `endpoint`;
+    /// `confirmed` is false once a whole TTL passed without a keep-alive.
+    Held {
+        lease: Lease,
+        endpoint: usize,
+        confirmed: bool,
+    },
 }
 
-/// The keep-alive period for a granted TTL: a third of it.
-pub fn period(ttl: Duration) -> Duration {
-    (ttl / 3).max(Duration::from_millis(100))
-}
-
-/// Keeps `lease` alive until it is lost or `cancel` fires. `granted_at` is
-/// when the lease was granted (or last confirmed alive).
-pub async fn keep_alive(
-    etcd: &Etcd,
-    lease: Lease,
-    granted_at: Instant,
-    cancel: &CancellationToken,
-    observer: &dyn Observer,
-) -> KeepAliveEnd {
-    let period = period(lease.ttl);
-    let mut last_ok = granted_at;
-    let mut idx = etcd.preferred();
-    // Re-open quickly: recovery after a partition heals should take about a
-    // second, not a whole period. Jitter still spreads a fleet's attempts.
-    let retry_cap = period.min(Duration::from_secs(1));
-    let mut backoff =
-        Backoff::new(Duration::from_millis(20), retry_cap).unwrap_or_else(|_| Backoff::standard());
-    let mut reported_unconfirmed = false;
-    loop {
-        let endpoint = etcd.endpoint(idx).to_string();
-        let opened = tokio::select! {
-            _ = cancel.cancelled() => return KeepAliveEnd::Cancelled,
-            r = open_stream(etcd, idx, lease.id, period) => r,
-        };
-        match opened {
-            Ok((mut keeper, mut stream)) => {
-                last_ok = Instant::now();
-                reported_unconfirmed = false;
-                etcd.set_preferred(idx);
-                backoff.reset();
-                observer.alive(lease.ttl);
-                tracing::debug!(%endpoint, lease = format_args!("{:x}", lease.id), "keep-alive stream open");
-                match run_stream(
-                    &mut keeper,
-                    &mut stream,
-                    period,
-                    cancel,
-                    &mut last_ok,
-                    observer,
-                )
-                .await
-                {
-                    StreamEnd::Cancelled => return KeepAliveEnd::Cancelled,
-                    StreamEnd::Lost => {
-                        return KeepAliveEnd::Lost(format!(
-                            "etcd ({endpoint}) answered a keep-alive with TTL 0: lease {:x} was revoked or has expired",
-                            lease.id
-                        ));
-                    }
-                    StreamEnd::Broken(why) => {
-                        tracing::warn!(%endpoint, "keep-alive stream {why}; reopening it on the next endpoint");
-                    }
-                }
-            }
-            Err(e) if e.class() == Class::LeaseGone => {
-                return KeepAliveEnd::Lost(format!(
-                    "etcd ({endpoint}) no longer knows lease {:x}: it was revoked or has expired",
-                    lease.id
-                ));
-            }
-            Err(e) => {
-                observer.failed(&e.to_string(), e.class());
-                tracing::warn!(error = %e, "cannot open a keep-alive stream; trying the next endpoint")
-            }
-        }
-        etcd.forget(idx);
-        idx = etcd.next(idx);
-        if last_ok.elapsed() >= lease.ttl {
-            // A whole TTL without a confirmed keep-alive: we must assume we are
-            // unregistered, and ask etcd whether the lease still exists (a
-            // leader change extends leases, so it may).
-            if !reported_unconfirmed {
-                observer.unconfirmed();
-                reported_unconfirmed = true;
-                tracing::warn!(
-                    lease = format_args!("{:x}", lease.id),
-                    "no keep-alive succeeded for a whole TTL; this host may be unregistered"
-                );
-            }
-            match time_to_live(etcd, lease.id).await {
-                Ok(None) => {
-                    return KeepAliveEnd::Lost(format!(
-                        "no keep-alive succeeded within the TTL and etcd no longer knows lease {:x}",
-                        lease.id
-                    ));
-                }
-                Ok(Some(_)) => {}
-                Err(e) => tracing::debug!(error = %e, "cannot check the lease's time to live"),
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return KeepAliveEnd::Cancelled,
-            _ = sleep(backoff.next_delay()) => {}
+impl State {
+    pub fn lease(&self) -> Option<Lease> {
+        match self {
+            State::Granting => None,
+            State::Held { lease, .. } => Some(*lease),
         }
     }
 }
 
-/// Opens a keep-alive stream on one endpoint. etcd-client sends the first
-/// keep-alive and waits for its answer, so success means the lease is alive.
+/// Why a session gave up: only before its first grant, for failures that
+/// retrying cannot fix (auth, a rejected request).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot grant a lease: {0}")]
+pub struct SessionError(pub EtcdError);
+
+/// The handle of a running lease session.
+pub struct Session {
+    state: watch::Receiver<State>,
+    lost: mpsc::UnboundedSender<LeaseId>,
+    cancel: CancellationToken,
+    /// `None` once the task's end was seen.
+    task: Option<JoinHandle<Result<(), SessionError>>>,
+}
+
+/// Tells a session that etcd no longer knows a lease; see
+/// [`Session::report_lost`].
+#[derive(Clone)]
+pub struct LostReporter(mpsc::UnboundedSender<LeaseId>);
+
+impl LostReporter {
+    pub fn report(&self, lease: LeaseId) {
+        // The session ended: nothing is left to tell.
+        let _ = self.0.send(lease);
+    }
+}
+
+impl Session {
+    /// Starts the session task. It runs until [`close`](Self::close), or
+    /// until the handle is dropped (which also revokes, without waiting).
+    pub fn start(etcd: Arc<Etcd>, ttl: Duration, observer: Arc<dyn Observer>) -> Session {
+        let cancel = CancellationToken::new();
+        let (tx, state) = watch::channel(State::Granting);
+        let (lost, reports) = mpsc::unbounded_channel();
+        let task = tokio::spawn(
+            Runner {
+                etcd,
+                ttl,
+                observer,
+                state: tx,
+                reports,
+                cancel: cancel.clone(),
+            }
+            .run(),
+        );
+        Session {
+            state,
+            lost,
+            cancel,
+            task: Some(task),
+        }
+    }
+
+    /// The session's state, to watch.
+    pub fn state(&self) -> watch::Receiver<State> {
+        self.state.clone()
+    }
+
+    /// The lease in force, if any.
+    pub fn lease(&self) -> Option<Lease> {
+        self.state.borrow().lease()
+    }
+
+    /// Tells the session that etcd no longer knows `lease` (a write or a
+    /// time-to-live said so). If it is still the session's lease, the
+    /// session grants a new one at once instead of at its next keep-alive.
+    pub fn report_lost(&self, lease: LeaseId) {
+        self.reporter().report(lease);
+    }
+
+    /// A handle for [`report_lost`](Self::report_lost) that other tasks keep.
+    pub fn reporter(&self) -> LostReporter {
+        LostReporter(self.lost.clone())
+    }
+
+    /// Waits until the session task ends by itself: only with an error
+    /// (before its first grant), or when its token was cancelled. Once it
+    /// has returned, it returns at once.
+    pub async fn ended(&mut self) -> Result<(), SessionError> {
+        let Some(task) = &mut self.task else {
+            return Ok(());
+        };
+        let joined = task.await;
+        self.task = None;
+        match joined {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "the lease session task failed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends the session: revokes the lease (so every key on it goes at
+    /// once) and waits for the task.
+    pub async fn close(mut self) -> Result<(), SessionError> {
+        self.cancel.cancel();
+        self.ended().await
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// The session task's inputs and outputs.
+struct Runner {
+    etcd: Arc<Etcd>,
+    ttl: Duration,
+    observer: Arc<dyn Observer>,
+    state: watch::Sender<State>,
+    reports: mpsc::UnboundedReceiver<LeaseId>,
+    cancel: CancellationToken,
+}
+
+/// Why keeping one lease alive stopped.
+enum Kept {
+    Cancelled,
+    Lost(String),
+}
+
+impl Runner {
+    async fn run(mut self) -> Result<(), SessionError> {
+        let mut granted_once = false;
+        loop {
+            self.state.send_replace(State::Granting);
+            let Some((lease, since)) = self.grant(granted_once).await? else {
+                return Ok(());
+            };
+            granted_once = true;
+            tracing::debug!(lease = %lease.id, ttl = %humantime::format_duration(lease.ttl), "lease granted");
+            match self.keep(lease, since).await {
+                Kept::Cancelled => {
+                    self.state.send_replace(State::Granting);
+                    revoke_logged(&self.etcd, lease).await;
+                    return Ok(());
+                }
+                Kept::Lost(why) => {
+                    tracing::warn!("{why}; granting a new lease and re-registering");
+                    self.observer.lost(&why);
+                }
+            }
+        }
+    }
+
+    /// Grants a lease, retrying under the one policy. A retry asks for the
+    /// same id, so a grant that took effect unseen is found and used, and
+    /// the keep-alive timing counts from the first try, which is no later
+    /// than the grant. `None` when cancelled.
+    async fn grant(&self, granted_once: bool) -> Result<Option<(Lease, Instant)>, SessionError> {
+        let (id, since) = (LeaseId::random(), Instant::now());
+        let mut backoff = Backoff::standard();
+        let mut outage = Outage::new("cannot grant a lease");
+        loop {
+            let r = tokio::select! {
+                _ = self.cancel.cancelled() => return Ok(None),
+                r = grant(&self.etcd, self.ttl, id) => r,
+            };
+            match r {
+                Ok(lease) => {
+                    if let Some(ended) = outage.recovered() {
+                        tracing::info!(lease = %lease.id, "lease granted {}", ended.describe());
+                    }
+                    return Ok(Some((lease, since)));
+                }
+                Err(e) if !granted_once && matches!(e.class(), Class::Auth | Class::Fatal) => {
+                    self.observer.failed(&e.to_string(), e.class());
+                    return Err(SessionError(e));
+                }
+                Err(e) => {
+                    self.observer.failed(&e.to_string(), e.class());
+                    outage.failed(&e);
+                }
+            }
+            if !backoff.pause(&self.cancel).await {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn publish(&self, lease: Lease, endpoint: usize, confirmed: bool) {
+        self.state.send_if_modified(|s| {
+            let next = State::Held {
+                lease,
+                endpoint,
+                confirmed,
+            };
+            let changed = *s != next;
+            *s = next;
+            changed
+        });
+    }
+
+    /// Keeps `lease` alive until it is lost or the session is cancelled.
+    /// `granted_at` is no later than the grant.
+    async fn keep(&mut self, lease: Lease, granted_at: Instant) -> Kept {
+        let period = period(lease.ttl);
+        let mut last_ok = granted_at;
+        // One policy for every retry; capped at the keep-alive period, so
+        // that a partition shorter than the TTL is not outlasted by the
+        // wait before the next try.
+        let mut rotation = self.etcd.rotation(None, Policy::STANDARD.capped(period));
+        let mut outage = Outage::new("etcd does not answer the lease keep-alive");
+        let mut confirmed = true;
+        self.publish(lease, rotation.endpoint(), confirmed);
+        loop {
+            let idx = rotation.endpoint();
+            let endpoint = self.etcd.endpoint(idx).to_string();
+            let opened = tokio::select! {
+                _ = self.cancel.cancelled() => return Kept::Cancelled,
+                lost = self.reports.recv() => match lost {
+                    Some(id) if id == lease.id => return Kept::Lost(format!("etcd no longer knows lease {id}")),
+                    _ => continue,
+                },
+                r = open_stream(&self.etcd, &rotation, lease.id, period) => r,
+            };
+            match opened {
+                Ok((mut keeper, mut stream)) => {
+                    last_ok = Instant::now();
+                    confirmed = true;
+                    rotation.opened();
+                    self.publish(lease, idx, confirmed);
+                    self.observer.alive(lease.ttl);
+                    if let Some(ended) = outage.recovered() {
+                        tracing::info!(
+                            %endpoint,
+                            lease = %lease.id,
+                            "etcd answers the keep-alive again {}; the same lease lived through it",
+                            ended.describe()
+                        );
+                        self.observer.recovered(lease, &ended);
+                    }
+                    tracing::debug!(%endpoint, lease = %lease.id, "keep-alive stream open");
+                    match self
+                        .run_stream(&mut keeper, &mut stream, lease, period, &mut last_ok)
+                        .await
+                    {
+                        StreamEnd::Cancelled => return Kept::Cancelled,
+                        StreamEnd::Lost(why) => return Kept::Lost(why),
+                        StreamEnd::Broken(why) => {
+                            outage.failed(&format!("the stream on {endpoint} {why}"));
+                        }
+                    }
+                }
+                Err(e) if e.class() == Class::LeaseGone => {
+                    return Kept::Lost(format!(
+                        "etcd ({endpoint}) no longer knows lease {}: it was revoked or has expired",
+                        lease.id
+                    ));
+                }
+                Err(e) => {
+                    self.observer.failed(&e.to_string(), e.class());
+                    outage.failed(&e);
+                }
+            }
+            let next = rotation.failed(&self.etcd);
+            tracing::debug!(from = %endpoint, to = self.etcd.endpoint(next), "moving the keep-alive stream");
+            if last_ok.elapsed() >= lease.ttl {
+                // A whole TTL without a confirmed keep-alive: we must assume
+                // we are unregistered, and ask etcd whether the lease still
+                // exists (a leader change extends leases, so it may).
+                if confirmed {
+                    confirmed = false;
+                    self.publish(lease, idx, confirmed);
+                    self.observer.unconfirmed();
+                    tracing::warn!(
+                        lease = %lease.id,
+                        "no keep-alive succeeded for a whole TTL; this host may be unregistered"
+                    );
+                }
+                let ttl = tokio::select! {
+                    _ = self.cancel.cancelled() => return Kept::Cancelled,
+                    r = time_to_live(&self.etcd, lease.id) => r,
+                };
+                match ttl {
+                    Ok(None) => {
+                        return Kept::Lost(format!(
+                            "no keep-alive succeeded within the TTL and etcd no longer knows lease {}",
+                            lease.id
+                        ));
+                    }
+                    Ok(Some(_)) => {}
+                    Err(e) => tracing::debug!(error = %e, "cannot check the lease's time to live"),
+                }
+            }
+            if !rotation.pause(&self.cancel).await {
+                return Kept::Cancelled;
+            }
+        }
+    }
+
+    async fn run_stream(
+        &mut self,
+        keeper: &mut LeaseKeeper,
+        stream: &mut LeaseKeepAliveStream,
+        lease: Lease,
+        period: Duration,
+        last_ok: &mut Instant,
+    ) -> StreamEnd {
+        let lost = |how: &str| {
+            StreamEnd::Lost(format!(
+                "etcd answered a keep-alive {how}: lease {} was revoked or has expired",
+                lease.id
+            ))
+        };
+        // When the answer to the keep-alive in flight is due, if one is.
+        let mut due: Option<Instant> = None;
+        loop {
+            let next_send = *last_ok + period;
+            tokio::select! {
+                _ = self.cancel.cancelled() => return StreamEnd::Cancelled,
+                report = self.reports.recv() => {
+                    if report == Some(lease.id) {
+                        return StreamEnd::Lost(format!("etcd no longer knows lease {}", lease.id));
+                    }
+                }
+                // Listening all the time, not only after a send, notices a
+                // broken connection (a killed member) at once.
+                answer = stream.message() => match answer {
+                    Ok(Some(resp)) if resp.ttl() <= 0 => return lost("with TTL 0"),
+                    Ok(Some(resp)) => {
+                        due = None;
+                        *last_ok = Instant::now();
+                        self.observer.alive(Duration::from_secs(resp.ttl().unsigned_abs()));
+                    }
+                    Ok(None) => return StreamEnd::Broken("was closed by etcd".into()),
+                    Err(e) if classify(&e) == Class::LeaseGone => return lost("with lease not found"),
+                    Err(e) => return StreamEnd::Broken(format!("failed: {e}")),
+                },
+                _ = sleep_until(next_send), if due.is_none() => {
+                    if let Err(e) = keeper.keep_alive().await {
+                        return StreamEnd::Broken(format!("cannot send: {e}"));
+                    }
+                    due = Some(Instant::now() + period);
+                }
+                _ = sleep_until(due.unwrap_or(next_send)), if due.is_some() => {
+                    return StreamEnd::Broken(format!(
+                        "was silent for {} (a paused or partitioned member)",
+                        humantime::format_duration(period)
+                    ));
+                }
+            }
+        }
+    }
+}
+
+enum StreamEnd {
+    Cancelled,
+    Lost(String),
+    Broken(String),
+}
+
+/// Opens a keep-alive stream on the rotation's endpoint. etcd-client sends
+/// the first keep-alive and waits for its answer, so success means the
+/// lease is alive.
 async fn open_stream(
     etcd: &Etcd,
-    idx: usize,
-    lease: i64,
+    rotation: &Rotation,
+    lease: LeaseId,
     within: Duration,
 ) -> Result<(LeaseKeeper, LeaseKeepAliveStream), EtcdError> {
-    let endpoint = etcd.endpoint(idx).to_string();
-    let mut client = etcd.client_at(idx).await?;
+    let endpoint = etcd.endpoint(rotation.endpoint()).to_string();
+    let mut client = rotation.client(etcd).await?;
     bounded(
         &endpoint,
         "open keep-alive stream",
         within,
-        client.lease_keep_alive(lease),
+        client.lease_keep_alive(lease.get()),
     )
     .await
 }
 
-async fn run_stream(
-    keeper: &mut LeaseKeeper,
-    stream: &mut LeaseKeepAliveStream,
-    period: Duration,
-    cancel: &CancellationToken,
-    last_ok: &mut Instant,
-    observer: &dyn Observer,
-) -> StreamEnd {
-    // When the answer to the keep-alive in flight is due, if one is.
-    let mut due: Option<Instant> = None;
-    loop {
-        let next_send = *last_ok + period;
-        tokio::select! {
-            _ = cancel.cancelled() => return StreamEnd::Cancelled,
-            // Listening all the time, not only after a send, notices a
-            // broken connection (a killed member) at once.
-            answer = stream.message() => match answer {
-                Ok(Some(resp)) if resp.ttl() <= 0 => return StreamEnd::Lost,
-                Ok(Some(resp)) => {
-                    due = None;
-                    *last_ok = Instant::now();
-                    observer.alive(Duration::from_secs(resp.ttl().unsigned_abs()));
-                }
-                Ok(None) => return StreamEnd::Broken("was closed by etcd".into()),
-                Err(e) if classify(&e) == Class::LeaseGone => return StreamEnd::Lost,
-                Err(e) => return StreamEnd::Broken(format!("failed: {e}")),
-            },
-            _ = sleep_until(next_send), if due.is_none() => {
-                if let Err(e) = keeper.keep_alive().await {
-                    return StreamEnd::Broken(format!("cannot send: {e}"));
-                }
-                due = Some(Instant::now() + period);
-            }
-            _ = sleep_until(due.unwrap_or(next_send)), if due.is_some() => {
-                return StreamEnd::Broken(format!(
-                    "was silent for {} (a paused or partitioned member)",
-                    humantime::format_duration(period)
-                ));
-            }
-        }
+/// Revokes on shutdown, saying what happened to the host's keys.
+pub async fn revoke_logged(etcd: &Etcd, lease: Lease) {
+    match revoke(etcd, lease.id).await {
+        Ok(()) => tracing::info!(
+            lease = %lease.id,
+            "lease revoked; this host's keys are gone"
+        ),
+        Err(e) => tracing::error!(
+            error = %e,
+            "could not revoke the lease; this host's keys expire within {}",
+            humantime::format_duration(lease.ttl)
+        ),
     }
 }

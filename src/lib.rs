@@ -9,14 +9,18 @@
 //! - [`etcd`]: per-endpoint clients, fail-over, timeouts, error classification.
 //! - [`backoff`]: the one retry policy (jittered exponential backoff).
 //! - [`check`]: health checks (exec, http, tcp), thresholds, the check runner.
-//! - [`registration`]: the conditional transactions: write, conflict, takeover, deregister.
-//! - [`lease`]: keep-alive loop and lease-loss detection.
-//! - [`guard`]: watch on the host's own keys, to repair outside damage at once.
+//! - [`registration`]: the conditional transactions over a host's keys:
+//!   write, update, conflict, takeover, verify, deregister.
+//! - [`lease`]: the lease session task: grant, keep-alive, loss, re-grant,
+//!   revoke; lease ids and time-to-live.
 //! - [`maintenance`]: the maintenance state file and its poller.
 //! - [`registry`]: the read model of the registry for ls, watch and wait.
-//! - [`report`]: composes what the host reports from config, checks and maintenance.
 //! - [`telemetry`]: systemd notifications and Prometheus metrics, fed by the agent.
-//! - [`agent`]: ties it together: register, hold, re-register, revoke on shutdown.
+//! - [`agent`]: the long-running agent and its start and shutdown order:
+//!   [`agent::composer`] (what the host reports), [`agent::reload`] (SIGHUP),
+//!   [`agent::writer`] (keys = latest report, on the session's lease),
+//!   [`agent::own_keys`] (the watch that notices outside damage).
+//! - [`process`]: logging set-up and signal handling.
 //! - [`commands`]: one module per command; errors → exit codes.
 #![forbid(unsafe_code)]
 
@@ -27,12 +31,11 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod etcd;
-pub mod guard;
 pub mod identity;
 pub mod layout;
 pub mod lease;
 pub mod maintenance;
+pub mod process;
 pub mod registration;
 pub mod registry;
-pub mod report;
 pub mod telemetry;

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
             return ExitCode::from(f.code);
         }
     };
-    commands::init_logging(config.log_format, &env);
+    registrar::process::init_logging(config.log_format, &env);
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         })),
     };
     let result = runtime.block_on(async {
-        let signals = tokio::spawn(commands::handle_signals(cancel.clone(), reload));
+        let signals = tokio::spawn(registrar::process::handle_signals(cancel.clone(), reload));
         let result = commands::run(cli, config, control).await;
         cancel.cancel();
         match signals.await {

@@ -9,15 +9,13 @@
 //! agents race for the same host name.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
-use etcd_client::{
-    Compare, CompareOp, GetOptions, LeaseGrantOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
-};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 
-use crate::etcd::{Class, Etcd, EtcdError, Transient};
+use crate::etcd::{Class, Etcd, EtcdError, Revision, Transient};
 use crate::identity::Identity;
 use crate::layout::{HostDir, Leaf};
+use crate::lease::{LeaseId, revoke, time_to_live};
 
 /// What this host wants the registry to say about it: every key of every
 /// role, with its value.
@@ -26,6 +24,33 @@ pub struct Desired {
     pub dirs: Vec<HostDir>,
     pub machine_id: String,
     pub kvs: BTreeMap<String, String>,
+    /// What the checks say, typed, for STATUS= and metrics (nobody
+    /// re-parses the JSON values of `kvs`).
+    pub summary: Summary,
+}
+
+/// The checks behind a registration, counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub checks: usize,
+    pub passing: usize,
+    /// Withdrawn by `deregister_after`: only the owner keys are written.
+    pub withdrawn: bool,
+}
+
+impl std::fmt::Display for Summary {
+    /// "checks 2/3 passing", "no checks", "withdrawn (deregister_after)".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Summary {
+                withdrawn: true, ..
+            } => f.write_str("withdrawn (deregister_after)"),
+            Summary { checks: 0, .. } => f.write_str("no checks"),
+            Summary {
+                checks, passing, ..
+            } => write!(f, "checks {passing}/{checks} passing"),
+        }
+    }
 }
 
 /// The inputs of a host's registration besides its identity.
@@ -40,6 +65,8 @@ pub struct Spec<'a> {
     pub health: &'a str,
     /// Check name → its JSON value.
     pub checks: &'a BTreeMap<String, String>,
+    /// How many of those checks pass.
+    pub passing: usize,
     /// The maintenance reason, while in maintenance.
     pub maintenance: Option<&'a str>,
     /// Withdrawn by `deregister_after`: only the `owner` key stays, so the
@@ -81,6 +108,11 @@ impl Desired {
             dirs,
             machine_id: id.machine_id.clone(),
             kvs,
+            summary: Summary {
+                checks: spec.checks.len(),
+                passing: spec.passing,
+                withdrawn: spec.withdrawn,
+            },
         }
     }
 
@@ -90,25 +122,18 @@ impl Desired {
     }
 }
 
-/// A granted lease. `ttl` is what etcd granted, which may be more than was
-/// asked for: etcd raises small TTLs to its minimum.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lease {
-    pub id: i64,
-    pub ttl: Duration,
-}
-
 /// Why a registration did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
     #[error(
-        "host {host:?} is registered by another machine (owner {owner:?}, lease {lease:x}); \
-         refusing to overwrite it. Give this host another --host, or stop the other one"
+        "host {host:?} is registered by another machine (owner {owner:?}, {}); \
+         refusing to overwrite it. Give this host another --host, or stop the other one",
+        lease.map_or("keys on no lease".to_string(), |l| format!("lease {l}"))
     )]
     Conflict {
         host: String,
         owner: String,
-        lease: i64,
+        lease: Option<LeaseId>,
     },
     #[error("the host's keys kept changing during registration; will retry")]
     Contended,
@@ -145,122 +170,14 @@ impl Transient for RegisterError {
 struct Seen {
     key: String,
     value: String,
-    lease: i64,
+    lease: Option<LeaseId>,
     mod_revision: i64,
-}
-
-/// A fresh lease id for [`grant`]. etcd takes a client's choice of id; 63
-/// random bits do not collide.
-pub fn new_lease_id() -> i64 {
-    rand::random_range(1..i64::MAX)
-}
-
-/// Grants lease `id` with `ttl`.
-///
-/// A grant whose answer was lost (a timeout, a connection cut) may have
-/// been granted all the same. Retried with the same id, it finds "lease
-/// already exists" and uses that lease, which can only be ours, instead of
-/// granting a second one while the first expires unused (each expiry is a
-/// raft proposal, and a storm of timeouts makes many). Callers keep `id`
-/// across retries and draw a new one once a grant has succeeded.
-pub async fn grant(etcd: &Etcd, ttl: Duration, id: i64) -> Result<Lease, EtcdError> {
-    let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
-    // Twice at most: again only if the lease found under `id` expired
-    // before it could be looked at, which frees the id.
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        let grant = etcd
-            .call("grant lease", |mut c| async move {
-                c.lease_grant(secs, Some(LeaseGrantOptions::new().with_id(id)))
-                    .await
-            })
-            .await;
-        match grant {
-            Ok(resp) => return Ok(granted(id, ttl, resp.ttl())),
-            Err(e) if e.to_string().contains("lease already exists") => {
-                let resp = etcd
-                    .call("lease time-to-live", |mut c| async move {
-                        c.lease_time_to_live(id, None).await
-                    })
-                    .await?;
-                if resp.ttl() > 0 {
-                    tracing::debug!(
-                        lease = format_args!("{id:x}"),
-                        "an earlier try of this grant took effect; using its lease"
-                    );
-                    return Ok(granted(id, ttl, resp.granted_ttl()));
-                }
-                if tries == 2 {
-                    // Something else keeps granting this very id: not a
-                    // reason to give up, so worth a retry.
-                    return Err(match e {
-                        EtcdError::Call {
-                            endpoint,
-                            what,
-                            cause,
-                            ..
-                        } => EtcdError::Call {
-                            endpoint,
-                            what,
-                            class: Class::Retry,
-                            cause,
-                        },
-                        other => other,
-                    });
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// The lease etcd granted, warning when its TTL is not the one asked for.
-fn granted(id: i64, requested: Duration, secs: i64) -> Lease {
-    let ttl = Duration::from_secs(u64::try_from(secs).unwrap_or(0));
-    if ttl != requested {
-        tracing::warn!(
-            requested = %humantime::format_duration(requested),
-            granted = %humantime::format_duration(ttl),
-            "etcd granted a different TTL than requested (it raises TTLs below its minimum); using the granted one"
-        );
-    }
-    Lease { id, ttl }
-}
-
-/// Revokes a lease; a lease that is already gone counts as revoked.
-pub async fn revoke(etcd: &Etcd, lease: i64) -> Result<(), EtcdError> {
-    match etcd
-        .call("revoke lease", |mut c| async move {
-            c.lease_revoke(lease).await
-        })
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.class() == Class::LeaseGone => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Remaining TTL of a lease, or `None` when it no longer exists.
-pub async fn time_to_live(etcd: &Etcd, lease: i64) -> Result<Option<Duration>, EtcdError> {
-    match etcd
-        .call("lease time-to-live", |mut c| async move {
-            c.lease_time_to_live(lease, None).await
-        })
-        .await
-    {
-        Ok(r) if r.ttl() > 0 => Ok(Some(Duration::from_secs(r.ttl().unsigned_abs()))),
-        Ok(_) => Ok(None),
-        Err(e) if e.class() == Class::LeaseGone => Ok(None),
-        Err(e) => Err(e),
-    }
 }
 
 /// Builds the conditional write: each desired key must either not exist or
 /// still be exactly as seen; keys seen but no longer desired are deleted
 /// under the same condition. On failure the host's directories are read back.
-fn write_txn(desired: &Desired, lease: i64, seen: &BTreeMap<String, Seen>) -> Txn {
+fn write_txn(desired: &Desired, lease: LeaseId, seen: &BTreeMap<String, Seen>) -> Txn {
     let mut compares = Vec::new();
     let mut ops = Vec::new();
     for (key, value) in &desired.kvs {
@@ -273,7 +190,7 @@ fn write_txn(desired: &Desired, lease: i64, seen: &BTreeMap<String, Seen>) -> Tx
         ops.push(TxnOp::put(
             key.as_str(),
             value.as_str(),
-            Some(PutOptions::new().with_lease(lease)),
+            Some(PutOptions::new().with_lease(lease.get())),
         ));
     }
     for (key, s) in seen {
@@ -303,7 +220,7 @@ fn collect_seen(resp: &etcd_client::TxnResponse) -> BTreeMap<String, Seen> {
                     Seen {
                         key,
                         value: String::from_utf8_lossy(kv.value()).into_owned(),
-                        lease: kv.lease(),
+                        lease: LeaseId::of(kv.lease()),
                         mod_revision: kv.mod_revision(),
                     },
                 );
@@ -335,19 +252,19 @@ fn dir_reads(desired: &Desired) -> Vec<TxnOp> {
 }
 
 /// Every key in the host's directories, read at one revision, and that
-/// revision (0 if etcd did not say).
+/// revision (if etcd said).
 async fn read_dirs(
     etcd: &Etcd,
     desired: &Desired,
     what: &'static str,
-) -> Result<(BTreeMap<String, Seen>, i64), EtcdError> {
+) -> Result<(BTreeMap<String, Seen>, Option<Revision>), EtcdError> {
     let resp = run_txn(etcd, what, Txn::new().and_then(dir_reads(desired))).await?;
-    let revision = resp.header().map_or(0, |h| h.revision());
+    let revision = Revision::of_header(resp.header());
     Ok((collect_seen(&resp), revision))
 }
 
 /// The owner recorded next to the keys of one lease.
-fn owner_of(seen: &BTreeMap<String, Seen>, lease: i64) -> Option<String> {
+fn owner_of(seen: &BTreeMap<String, Seen>, lease: Option<LeaseId>) -> Option<String> {
     seen.values()
         .find(|s| s.lease == lease && s.key.ends_with("/owner"))
         .map(|s| s.value.clone())
@@ -364,25 +281,29 @@ fn owner_of(seen: &BTreeMap<String, Seen>, lease: i64) -> Option<String> {
 ///   absent, a conflict otherwise.
 ///
 /// Returns the revision of the write. Every key appears at that one revision.
-pub async fn write(etcd: &Etcd, desired: &Desired, lease: i64) -> Result<i64, RegisterError> {
+pub async fn write(
+    etcd: &Etcd,
+    desired: &Desired,
+    lease: LeaseId,
+) -> Result<Option<Revision>, RegisterError> {
     let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
     for _attempt in 0..8 {
         let resp = run_txn(etcd, "register", write_txn(desired, lease, &seen)).await?;
         if resp.succeeded() {
-            return Ok(resp.header().map(|h| h.revision()).unwrap_or(0));
+            return Ok(Revision::of_header(resp.header()));
         }
         seen = collect_seen(&resp);
-        let leases: BTreeSet<i64> = seen
+        let leases: BTreeSet<LeaseId> = seen
             .values()
-            .map(|s| s.lease)
-            .filter(|l| *l != 0 && *l != lease)
+            .filter_map(|s| s.lease)
+            .filter(|l| *l != lease)
             .collect();
         for other in leases {
-            let owner = owner_of(&seen, other);
+            let owner = owner_of(&seen, Some(other));
             if owner.as_deref() == Some(desired.machine_id.as_str()) {
                 tracing::info!(
                     host = desired.host(),
-                    old_lease = format_args!("{other:x}"),
+                    old_lease = %other,
                     "taking over this machine's earlier registration"
                 );
                 revoke(etcd, other).await?;
@@ -390,21 +311,21 @@ pub async fn write(etcd: &Etcd, desired: &Desired, lease: i64) -> Result<i64, Re
                 return Err(RegisterError::Conflict {
                     host: desired.host().to_string(),
                     owner: owner.unwrap_or_else(|| "(no owner key)".into()),
-                    lease: other,
+                    lease: Some(other),
                 });
             }
             // Revoked or expired: its keys are gone, so forget them.
-            seen.retain(|_, s| s.lease != other);
+            seen.retain(|_, s| s.lease != Some(other));
         }
         if let Some(owner) = seen
             .values()
-            .find(|s| s.lease == 0 && s.key.ends_with("/owner"))
+            .find(|s| s.lease.is_none() && s.key.ends_with("/owner"))
             .filter(|s| s.value != desired.machine_id)
         {
             return Err(RegisterError::Conflict {
                 host: desired.host().to_string(),
                 owner: owner.value.clone(),
-                lease: 0,
+                lease: None,
             });
         }
     }
@@ -421,8 +342,8 @@ pub async fn update(
     etcd: &Etcd,
     old: &Desired,
     new: &Desired,
-    lease: i64,
-) -> Result<i64, RegisterError> {
+    lease: LeaseId,
+) -> Result<Option<Revision>, RegisterError> {
     let old_dirs: BTreeSet<String> = old.dirs.iter().map(HostDir::dir).collect();
     let mut compares = Vec::new();
     for dir in &new.dirs {
@@ -430,7 +351,7 @@ pub async fn update(
             compares.push(Compare::lease(
                 dir.key(&Leaf::Owner),
                 CompareOp::Equal,
-                lease,
+                lease.get(),
             ));
         }
     }
@@ -439,7 +360,7 @@ pub async fn update(
             compares.push(Compare::lease(
                 dir.key(&Leaf::Owner),
                 CompareOp::Equal,
-                lease,
+                lease.get(),
             ));
         }
     }
@@ -453,7 +374,7 @@ pub async fn update(
             ops.push(TxnOp::put(
                 key.as_str(),
                 value.as_str(),
-                Some(PutOptions::new().with_lease(lease)),
+                Some(PutOptions::new().with_lease(lease.get())),
             ));
         }
     }
@@ -464,7 +385,7 @@ pub async fn update(
     }
     let resp = run_txn(etcd, "update", Txn::new().when(compares).and_then(ops)).await?;
     if resp.succeeded() {
-        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+        Ok(Revision::of_header(resp.header()))
     } else {
         Err(RegisterError::Mismatch)
     }
@@ -485,7 +406,7 @@ pub async fn deregister(etcd: &Etcd, desired: &Desired) -> Result<Deregistered, 
     if seen.is_empty() {
         return Ok(Deregistered::NothingRegistered);
     }
-    let leases: BTreeSet<i64> = seen.values().map(|s| s.lease).collect();
+    let leases: BTreeSet<Option<LeaseId>> = seen.values().map(|s| s.lease).collect();
     for lease in &leases {
         let owner = owner_of(&seen, *lease);
         if owner.as_deref() == Some(desired.machine_id.as_str()) {
@@ -493,10 +414,9 @@ pub async fn deregister(etcd: &Etcd, desired: &Desired) -> Result<Deregistered, 
         }
         // Not ours: a live lease (with or without an owner key) belongs to
         // someone else; loose keys are only ours to delete without an owner.
-        let foreign = if *lease == 0 {
-            owner.is_some()
-        } else {
-            time_to_live(etcd, *lease).await?.is_some()
+        let foreign = match lease {
+            None => owner.is_some(),
+            Some(id) => time_to_live(etcd, *id).await?.is_some(),
         };
         if foreign {
             return Err(RegisterError::Conflict {
@@ -506,10 +426,10 @@ pub async fn deregister(etcd: &Etcd, desired: &Desired) -> Result<Deregistered, 
             });
         }
     }
-    for lease in leases.iter().filter(|l| **l != 0) {
+    for lease in leases.iter().flatten() {
         revoke(etcd, *lease).await?;
     }
-    let loose: Vec<&Seen> = seen.values().filter(|s| s.lease == 0).collect();
+    let loose: Vec<&Seen> = seen.values().filter(|s| s.lease.is_none()).collect();
     if !loose.is_empty() {
         let compares: Vec<Compare> = loose
             .iter()
@@ -532,15 +452,27 @@ pub async fn deregister(etcd: &Etcd, desired: &Desired) -> Result<Deregistered, 
     Ok(Deregistered::Removed)
 }
 
-/// Whether every desired key is in etcd with its value and `lease`: the
-/// revision of the read when they all are, `None` when one is not. A read
-/// only (a read-only transaction is no raft proposal); a watch started
-/// after the returned revision misses nothing.
-pub async fn verify(etcd: &Etcd, desired: &Desired, lease: i64) -> Result<Option<i64>, EtcdError> {
-    let (seen, revision) = read_dirs(etcd, desired, "verify registration").await?;
+/// What [`verify`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// Every desired key is there with its value and our lease, as read at
+    /// `at`: a watch started after it misses nothing.
+    Intact { at: Option<Revision> },
+    /// A key is missing, has another value, or is on another lease.
+    Changed,
+}
+
+/// Whether every desired key is in etcd with its value and `lease`. A read
+/// only: a read-only transaction is no raft proposal.
+pub async fn verify(etcd: &Etcd, desired: &Desired, lease: LeaseId) -> Result<Verified, EtcdError> {
+    let (seen, at) = read_dirs(etcd, desired, "verify registration").await?;
     let intact = desired.kvs.iter().all(|(k, v)| {
         seen.get(k)
-            .is_some_and(|s| s.lease == lease && &s.value == v)
+            .is_some_and(|s| s.lease == Some(lease) && &s.value == v)
     });
-    Ok(intact.then_some(revision))
+    Ok(if intact {
+        Verified::Intact { at }
+    } else {
+        Verified::Changed
+    })
 }

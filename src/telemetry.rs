@@ -21,7 +21,8 @@ use tokio::time::Instant;
 
 use crate::check::Status;
 use crate::etcd::Class;
-use crate::registration::{Desired, Lease};
+use crate::lease::Lease;
+use crate::registration::Desired;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CheckLabels {
@@ -216,7 +217,7 @@ impl Telemetry {
     fn registered_status(shown: &Shown) -> String {
         match &shown.lease {
             Some(l) => format!(
-                "registered lease={:x} ttl={} {}",
+                "registered lease={} ttl={} {}",
                 l.id,
                 humantime::format_duration(l.ttl),
                 shown.checks
@@ -224,28 +225,6 @@ impl Telemetry {
             None => "not registered".into(),
         }
     }
-}
-
-/// "checks 3/3 passing" for the STATUS line, from the written keys.
-fn checks_summary(desired: &Desired) -> String {
-    let Some(dir) = desired.dirs.first().map(|d| d.dir()) else {
-        return "no checks".into();
-    };
-    let statuses: Vec<String> = desired
-        .kvs
-        .iter()
-        .filter(|(k, _)| k.starts_with(&format!("{dir}checks/")))
-        .filter_map(|(_, v)| serde_json::from_str::<serde_json::Value>(v).ok())
-        .filter_map(|v| v["status"].as_str().map(String::from))
-        .collect();
-    if statuses.is_empty() {
-        if desired.kvs.len() == desired.dirs.len() {
-            return "withdrawn (deregister_after)".into();
-        }
-        return "no checks".into();
-    }
-    let passing = statuses.iter().filter(|s| *s == "passing").count();
-    format!("checks {passing}/{} passing", statuses.len())
 }
 
 impl crate::lease::Observer for Telemetry {
@@ -258,6 +237,14 @@ impl crate::lease::Observer for Telemetry {
         self.notify(&[NotifyState::Watchdog]);
     }
 
+    fn recovered(&self, _lease: Lease, _outage: &crate::backoff::Ended) {
+        // etcd answers again and the lease lived through it: say so
+        // instead of the last error.
+        if let Ok(shown) = self.state.lock() {
+            self.status(&Self::registered_status(&shown));
+        }
+    }
+
     fn unconfirmed(&self) {
         self.status("no keep-alive succeeded for a whole TTL; this host may be unregistered");
     }
@@ -268,7 +255,7 @@ impl crate::lease::Observer for Telemetry {
         } else {
             self.metrics.reregistrations.inc();
         }
-        self.metrics.lease_id.set(lease.id);
+        self.metrics.lease_id.set(lease.id.get());
         self.metrics
             .lease_ttl
             .set(i64::try_from(lease.ttl.as_secs()).unwrap_or(i64::MAX));
@@ -281,7 +268,7 @@ impl crate::lease::Observer for Telemetry {
             return;
         };
         shown.lease = Some(lease);
-        shown.checks = checks_summary(desired);
+        shown.checks = desired.summary.to_string();
         let status = Self::registered_status(&shown);
         if shown.ready_sent {
             self.status(&status);
@@ -295,7 +282,7 @@ impl crate::lease::Observer for Telemetry {
         let Ok(mut shown) = self.state.lock() else {
             return;
         };
-        shown.checks = checks_summary(desired);
+        shown.checks = desired.summary.to_string();
         self.status(&Self::registered_status(&shown));
     }
 

@@ -17,17 +17,15 @@ use std::fmt;
 use std::sync::Arc;
 
 use tokio::sync::Notify;
-use tokio_util::task::TaskTracker;
-
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{Agent, AgentError};
-use crate::cli::{Cli, Command, Common, LogFormat};
+use crate::agent::reload::{Reload, Reloads};
+use crate::agent::{AgentError, Mode};
+use crate::cli::{Cli, Command, Common};
 use crate::config::{Config, ConfigError, Env};
 use crate::etcd::{Class, Etcd, EtcdError};
 use crate::identity::{Identity, IdentityError};
 use crate::registration::{Desired, RegisterError};
-use crate::report::Reload;
 
 /// The contract's exit codes (section 4).
 pub mod exit {
@@ -189,41 +187,6 @@ pub fn load_config(cli: &Cli, env: &Env) -> Result<Config, Failure> {
     Ok(Config::load(common(cli), env)?)
 }
 
-/// Sets up logging on stderr in the configured format. `REGISTRAR_LOG`
-/// takes comma-separated `level` or `target=level` directives (default
-/// `info`); a value that does not parse is reported and `info` is used.
-pub fn init_logging(format: LogFormat, env: &Env) {
-    use tracing_subscriber::filter::{LevelFilter, Targets};
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{Layer, fmt};
-
-    let default = Targets::new().with_default(LevelFilter::INFO);
-    let (filter, bad) = match env.get("REGISTRAR_LOG") {
-        Some(text) => match text.parse::<Targets>() {
-            Ok(t) => (t, None),
-            Err(e) => (default, Some((text.to_string(), e))),
-        },
-        None => (default, None),
-    };
-    let layer = fmt::layer()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let layer = match format {
-        LogFormat::Text => layer.with_filter(filter).boxed(),
-        LogFormat::Json => layer.json().with_filter(filter).boxed(),
-    };
-    // A second initialisation (tests running commands in-process) is harmless.
-    let _ = tracing_subscriber::registry().with(layer).try_init();
-    if let Some((text, e)) = bad {
-        tracing::warn!(
-            "REGISTRAR_LOG={text:?} is not a log filter ({e}); logging at info. \
-             Use a level (error, warn, info, debug, trace) or target=level \
-             directives, e.g. REGISTRAR_LOG=info,registrar=debug"
-        );
-    }
-}
-
 /// Everything a registering command needs, resolved before any network call.
 struct Prepared {
     identity: Identity,
@@ -242,7 +205,7 @@ fn prepare(config: &Config) -> Result<Prepared, Failure> {
 fn one_shot_desired(config: &Config, identity: &Identity) -> Desired {
     let (maintenance, _) =
         crate::maintenance::active(&config.state_dir, std::time::SystemTime::now());
-    crate::report::compose(
+    crate::agent::composer::compose(
         config,
         identity,
         &crate::check::Snapshot::default(),
@@ -265,8 +228,10 @@ pub async fn run(cli: Cli, config: Config, control: Control) -> Result<(), Failu
     let cancel = control.cancel.clone();
     match cli.command {
         Command::CheckConfig(_) => check_config::run(&config),
-        Command::Agent(_) => run_agent(config, true, control).await,
-        Command::Register(args) if args.keep_alive => run_agent(config, false, control).await,
+        Command::Agent(_) => run_agent(config, Mode::Agent, control).await,
+        Command::Register(args) if args.keep_alive => {
+            run_agent(config, Mode::KeepAlive, control).await
+        }
         Command::Register(args) => register::run(&config, args.one_shot.timeout, &cancel).await,
         Command::Deregister(args) => deregister::run(&config, args.timeout, &cancel).await,
         Command::Maintenance(args) => maintenance::run(&config, &args.action),
@@ -278,100 +243,18 @@ pub async fn run(cli: Cli, config: Config, control: Control) -> Result<(), Failu
     }
 }
 
-/// The agent: checks, maintenance and reload feed the composer, whose
-/// latest registration the agent keeps in etcd.
-async fn run_agent(config: Config, with_checks: bool, control: Control) -> Result<(), Failure> {
+/// The agent, or `register --keep-alive` (an agent without checks).
+async fn run_agent(config: Config, mode: Mode, control: Control) -> Result<(), Failure> {
     let p = prepare(&config)?;
-    let tasks = TaskTracker::new();
-    let cancel = control.cancel.clone();
-    let (tx, rx) = tokio::sync::watch::channel(None);
-    let reload = control.load.map(|load| (control.reload.clone(), load));
-    let metrics = crate::telemetry::Metrics::new();
-    if let Some(addr) = config.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            Failure::new(
-                exit::CONFIG,
-                anyhow::anyhow!("metrics_listen: cannot listen on {addr}: {e}"),
-            )
-        })?;
-        tracing::info!(%addr, "serving /metrics and /health");
-        let (m, c) = (metrics.clone(), cancel.child_token());
-        tasks.spawn(async move {
-            if let Err(e) = crate::telemetry::serve(listener, m, c).await {
-                tracing::error!(error = %e, "the metrics server failed");
-            }
-        });
-    }
-    let composer = tasks.spawn(crate::report::run(
-        crate::report::Composer {
-            config: config.clone(),
-            identity: p.identity.clone(),
-            with_checks,
-            tx,
-            reload,
-            metrics: metrics.clone(),
-        },
-        cancel.child_token(),
-        tasks.clone(),
-    ));
-    let mut agent = Agent {
-        etcd: &p.etcd,
-        ttl: config.ttl,
-        desired: rx,
-    };
-    let observer = crate::telemetry::Telemetry::new(metrics.clone());
-    let run = agent.run(&cancel, &observer);
-    tokio::pin!(run);
-    let to_failure = |e: AgentError| match e {
-        AgentError::Denied(_) => Failure::new(exit::DENIED, e),
-        AgentError::Fatal(_) => Failure::new(exit::RUNTIME, e),
-    };
-    let result = tokio::select! {
-        r = &mut run => r.map_err(to_failure),
-        r = composer => {
-            // The composer ends on shutdown, or by panicking; either way the
-            // agent must finish (and revoke) before we return.
-            let failure = r
-                .err()
-                .map(|e| anyhow::anyhow!("the check composer failed: {e}"));
-            cancel.cancel();
-            let agent_result = run.await.map_err(to_failure);
-            match failure {
-                Some(e) => Err(Failure::new(exit::RUNTIME, e)),
-                None => agent_result,
-            }
-        }
-    };
-    cancel.cancel();
-    tasks.close();
-    if tokio::time::timeout(std::time::Duration::from_secs(5), tasks.wait())
+    let reloads = control.load.map(|load| Reloads {
+        notify: control.reload.clone(),
+        load,
+    });
+    crate::agent::run(config, p.identity, p.etcd, control.cancel, reloads, mode)
         .await
-        .is_err()
-    {
-        tracing::warn!("some checks did not stop within 5s");
-    }
-    result
-}
-
-/// Waits for SIGTERM or SIGINT and fires `cancel`; SIGHUP notifies
-/// `reload` (systemd's ExecReload) and never stops the process.
-pub async fn handle_signals(cancel: CancellationToken, reload: Arc<Notify>) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP received; reloading the configuration");
-                reload.notify_one();
-                continue;
-            }
-            _ = cancel.cancelled() => return Ok(()),
-        }
-        cancel.cancel();
-        return Ok(());
-    }
+        .map_err(|e| match e {
+            AgentError::Listen { .. } => Failure::new(exit::CONFIG, e),
+            _ if e.class() == Some(Class::Auth) => Failure::new(exit::DENIED, e),
+            _ => Failure::new(exit::RUNTIME, e),
+        })
 }

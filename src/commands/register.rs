@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Failure, exit, one_shot_desired, prepare, register_failure};
 use crate::config::Config;
 use crate::etcd::retry_until;
+use crate::lease::{self, LeaseId};
 use crate::registration::{self, RegisterError};
 
 pub async fn run(
@@ -21,8 +22,8 @@ pub async fn run(
     let deadline = Instant::now() + timeout;
     let work = async {
         // One id for every try, so a retried grant finds its own lease.
-        let id = registration::new_lease_id();
-        let lease = retry_until(deadline, || registration::grant(&p.etcd, config.ttl, id))
+        let id = LeaseId::random();
+        let lease = retry_until(deadline, || lease::grant(&p.etcd, config.ttl, id))
             .await
             .map_err(RegisterError::Etcd)?;
         let written = retry_until(deadline, || async {
@@ -33,7 +34,7 @@ pub async fn run(
             Ok(revision) => Ok((lease, revision)),
             Err(e) => {
                 // Leave no unused lease behind.
-                if let Err(revoke) = registration::revoke(&p.etcd, lease.id).await {
+                if let Err(revoke) = lease::revoke(&p.etcd, lease.id).await {
                     tracing::debug!(error = %revoke, "could not revoke the unused lease");
                 }
                 Err(e)
@@ -48,9 +49,9 @@ pub async fn run(
     };
     tracing::info!(
         host = desired.host(),
-        lease = format_args!("{:x}", lease.id),
+        lease = %lease.id,
         ttl = %humantime::format_duration(lease.ttl),
-        revision,
+        revision = revision.map_or(0, |r| r.get()),
         keys = desired.kvs.len(),
         "registered; the keys expire with the lease unless it is kept alive"
     );

@@ -7,14 +7,14 @@
 //! unchanged input produces no write.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::reload::{self, Reloads};
 use crate::check::{CheckSet, Snapshot};
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
 use crate::identity::Identity;
 use crate::maintenance;
 use crate::registration::{Desired, Spec};
@@ -51,51 +51,16 @@ pub fn compose(
             meta: &config.meta,
             health: health.as_str(),
             checks: &json,
+            passing: checks
+                .results
+                .values()
+                .filter(|r| r.status == crate::check::Status::Passing)
+                .count(),
             maintenance,
             withdrawn: checks.withdraw.is_some(),
         },
         identity,
     )
-}
-
-/// Loads the configuration again, for SIGHUP.
-pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
-
-/// The fields a reload cannot change on a running agent.
-fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut changed = Vec::new();
-    let e = |a: &Config, b: &Config| {
-        a.etcd.endpoints == b.etcd.endpoints
-            && a.etcd.tls == b.etcd.tls
-            && a.etcd.user == b.etcd.user
-            && a.etcd.request_timeout == b.etcd.request_timeout
-            && a.etcd.connect_timeout == b.etcd.connect_timeout
-    };
-    if !e(old, new) {
-        changed.push("the etcd connection");
-    }
-    if old.prefix != new.prefix {
-        changed.push("prefix");
-    }
-    if old.dc != new.dc {
-        changed.push("dc");
-    }
-    if old.host != new.host {
-        changed.push("host");
-    }
-    if old.address != new.address
-        || old.ipv6 != new.ipv6
-        || old.allow_loopback != new.allow_loopback
-    {
-        changed.push("the address");
-    }
-    if old.ttl != new.ttl {
-        changed.push("ttl");
-    }
-    if old.machine_id != new.machine_id || old.state_dir != new.state_dir {
-        changed.push("machine_id/state_dir");
-    }
-    changed
 }
 
 /// Everything the composer works from.
@@ -106,7 +71,7 @@ pub struct Composer {
     pub with_checks: bool,
     pub tx: watch::Sender<Option<Desired>>,
     /// SIGHUP notifications and how to load the config again.
-    pub reload: Option<(Arc<Notify>, Reload)>,
+    pub reload: Option<Reloads>,
     pub metrics: crate::telemetry::Metrics,
 }
 
@@ -137,7 +102,7 @@ pub async fn run(composer: Composer, cancel: CancellationToken, tasks: TaskTrack
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut withdrawn = false;
     let (notify, reload_fn) = match reload {
-        Some((n, f)) => (Some(n), Some(f)),
+        Some(r) => (Some(r.notify), Some(r.load)),
         None => (None, None),
     };
     loop {
@@ -185,51 +150,36 @@ pub async fn run(composer: Composer, cancel: CancellationToken, tasks: TaskTrack
             }
             _ = reloaded => {
                 let Some(load) = &reload_fn else { continue };
-                match load() {
-                    Err(e) => tracing::error!("reload refused, the old configuration stays in force: {e}"),
-                    Ok(mut new) => {
-                        if let Err(e) = new.require_registration_fields() {
-                            tracing::error!("reload refused, the old configuration stays in force: {e}");
-                            continue;
-                        }
-                        let kept = restart_only_changes(&config, &new);
-                        if !kept.is_empty() {
-                            tracing::warn!(
-                                "reload: {} changed; that takes a restart, so the old value stays in force until then",
-                                kept.join(", ")
-                            );
-                        }
-                        if !with_checks {
-                            new.checks.clear();
-                        }
-                        let previous = checks.rx.borrow().clone();
-                        let next = CheckSet::start(
-                            &new.checks,
-                            new.output_refresh,
-                            Some((&config.checks, &previous)),
-                            &cancel,
-                            &tasks,
-                            Some(&metrics),
-                        );
-                        for old in &config.checks {
-                            if !new.checks.iter().any(|c| c.name == old.name) {
-                                metrics.check_removed(&old.name);
-                            }
-                        }
-                        checks.stop();
-                        checks = next;
-                        config.roles = new.roles;
-                        config.services = new.services;
-                        config.meta = new.meta;
-                        config.checks = new.checks;
-                        config.output_refresh = new.output_refresh;
-                        tracing::info!(
-                            roles = ?config.roles,
-                            checks = config.checks.len(),
-                            "configuration reloaded"
-                        );
+                let Some(mut new) = reload::load(load, &config) else { continue };
+                if !with_checks {
+                    new.checks.clear();
+                }
+                let previous = checks.rx.borrow().clone();
+                let next = CheckSet::start(
+                    &new.checks,
+                    new.output_refresh,
+                    Some((&config.checks, &previous)),
+                    &cancel,
+                    &tasks,
+                    Some(&metrics),
+                );
+                for old in &config.checks {
+                    if !new.checks.iter().any(|c| c.name == old.name) {
+                        metrics.check_removed(&old.name);
                     }
                 }
+                checks.stop();
+                checks = next;
+                config.roles = new.roles;
+                config.services = new.services;
+                config.meta = new.meta;
+                config.checks = new.checks;
+                config.output_refresh = new.output_refresh;
+                tracing::info!(
+                    roles = ?config.roles,
+                    checks = config.checks.len(),
+                    "configuration reloaded"
+                );
             }
         }
     }
