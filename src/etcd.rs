@@ -276,7 +276,7 @@ impl Etcd {
     }
 
     /// The endpoint after `idx`, round robin.
-    pub fn next(&self, idx: usize) -> usize {
+    fn next(&self, idx: usize) -> usize {
         (idx + 1) % self.endpoints.len().max(1)
     }
 
@@ -286,7 +286,7 @@ impl Etcd {
 
     /// Drops the cached client of an endpoint whose connection failed or
     /// hung, so the next use opens a fresh connection.
-    pub fn forget(&self, idx: usize) {
+    fn forget(&self, idx: usize) {
         if let Ok(mut clients) = self.clients.lock()
             && let Some(slot) = clients.get_mut(idx)
         {
@@ -398,6 +398,12 @@ impl Rotation {
     /// Moves the stream to `idx` (to follow another stream).
     pub fn move_to(&mut self, idx: usize) {
         self.idx = idx;
+    }
+
+    /// How long to wait before the next re-open, for a caller that waits
+    /// in its own select.
+    pub fn next_delay(&mut self) -> Duration {
+        self.backoff.next_delay()
     }
 
     /// Waits before the next re-open; `false` when `cancel` fired first.

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use etcd_client::{EventType, GetOptions, WatchOptions, WatchStream};
 
-use crate::backoff::Backoff;
-use crate::etcd::{Class, Etcd, EtcdError, bounded};
+use crate::backoff::{Outage, Policy};
+use crate::etcd::{Class, Etcd, EtcdError, Rotation, bounded};
 use crate::registry::{HostId, HostView, Malformed, Registry};
 
 /// The changes of one revision: each touched host with its state before
@@ -32,8 +32,8 @@ pub struct Follower<'a> {
     /// Every event up to this revision has been applied.
     pub revision: i64,
     stream: Option<WatchStream>,
-    idx: usize,
-    backoff: Backoff,
+    rotation: Rotation,
+    outage: Outage,
     pending: VecDeque<Batch>,
 }
 
@@ -51,8 +51,8 @@ impl<'a> Follower<'a> {
             registry: Registry::default(),
             revision: 0,
             stream: None,
-            idx: etcd.preferred(),
-            backoff: Backoff::standard(),
+            rotation: etcd.rotation(None, Policy::STANDARD),
+            outage: Outage::new("cannot watch the registry"),
             pending: VecDeque::new(),
         };
         let bad = f.resnapshot().await?;
@@ -75,8 +75,8 @@ impl<'a> Follower<'a> {
     }
 
     async fn open(&mut self) -> Result<WatchStream, EtcdError> {
-        let endpoint = self.etcd.endpoint(self.idx).to_string();
-        let mut client = self.etcd.client_at(self.idx).await?;
+        let endpoint = self.etcd.endpoint(self.rotation.endpoint()).to_string();
+        let mut client = self.rotation.client(self.etcd).await?;
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(self.revision + 1)
@@ -103,14 +103,16 @@ impl<'a> Follower<'a> {
                 Some(s) => s,
                 None => match self.open().await {
                     Ok(s) => {
-                        self.backoff.reset();
+                        self.rotation.opened();
+                        if let Some(ended) = self.outage.recovered() {
+                            tracing::info!("watching the registry again {}", ended.describe());
+                        }
                         s
                     }
                     Err(e) if e.class() == Class::Retry => {
-                        tracing::warn!(error = %e, "cannot watch the registry; retrying");
-                        self.etcd.forget(self.idx);
-                        self.idx = self.etcd.next(self.idx);
-                        tokio::time::sleep(self.backoff.next_delay()).await;
+                        self.outage.failed(&e);
+                        self.rotation.failed(self.etcd);
+                        tokio::time::sleep(self.rotation.next_delay()).await;
                         continue;
                     }
                     Err(e) => return Err(e),
@@ -121,11 +123,10 @@ impl<'a> Follower<'a> {
                 Ok(Some(r)) => r,
                 Ok(None) | Err(_) => {
                     tracing::warn!(
-                        endpoint = self.etcd.endpoint(self.idx),
+                        endpoint = self.etcd.endpoint(self.rotation.endpoint()),
                         "watch stream lost; resuming"
                     );
-                    self.etcd.forget(self.idx);
-                    self.idx = self.etcd.next(self.idx);
+                    self.rotation.failed(self.etcd);
                     continue;
                 }
             };
