@@ -182,10 +182,45 @@ impl Metrics {
     }
 }
 
+/// Sends one notification to `$NOTIFY_SOCKET` (a no-op without it), as
+/// sd-notify formats it, on a non-blocking socket. sd-notify's own `notify`
+/// sends on a blocking socket: when the receiver's queue is full (a service
+/// manager slow to read), the send blocks the agent's one thread, and with
+/// it every keep-alive. Here such a notification is dropped instead.
+fn send(states: &[NotifyState<'_>]) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::UnixDatagram;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let msg: String = states.iter().map(|s| format!("{s}\n")).collect();
+    let sock = UnixDatagram::unbound()?;
+    sock.set_nonblocking(true)?;
+    let sent = match path.as_bytes().strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(msg.as_bytes(), &addr)?
+        }
+        None => sock.send_to(msg.as_bytes(), &path)?,
+    };
+    if sent == msg.len() {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            "incomplete notification",
+        ))
+    }
+}
+
 /// Observes the agent: keeps systemd and the metrics current.
 pub struct Telemetry {
     pub metrics: Metrics,
     state: Mutex<Shown>,
+    /// The last STATUS= sent: a retry loop failing the same way again and
+    /// again sends it once.
+    last_status: Mutex<String>,
 }
 
 /// What the STATUS line is built from.
@@ -201,16 +236,23 @@ impl Telemetry {
         Telemetry {
             metrics,
             state: Mutex::new(Shown::default()),
+            last_status: Mutex::new(String::new()),
         }
     }
 
     fn notify(&self, states: &[NotifyState<'_>]) {
-        if let Err(e) = sd_notify::notify(states) {
+        if let Err(e) = send(states) {
             tracing::debug!(error = %e, "sd_notify failed");
         }
     }
 
     fn status(&self, text: &str) {
+        if let Ok(mut last) = self.last_status.lock() {
+            if *last == text {
+                return;
+            }
+            text.clone_into(&mut last);
+        }
         self.notify(&[NotifyState::Status(text)]);
     }
 

@@ -46,7 +46,11 @@ async fn wait_reregistered(c: &Client, old: i64, within: Duration) -> i64 {
 
 /// How long after `since` the agent logged a line containing `needle`
 /// (log lines start with an RFC 3339 timestamp).
-fn logged_after(log: &str, needle: &str, since: std::time::SystemTime) -> Option<Duration> {
+pub(crate) fn logged_after(
+    log: &str,
+    needle: &str,
+    since: std::time::SystemTime,
+) -> Option<Duration> {
     log.lines().filter(|l| l.contains(needle)).find_map(|l| {
         let stamp = l.split_whitespace().next()?;
         let at = humantime::parse_rfc3339_weak(stamp.trim_end_matches('Z')).ok()?;
@@ -69,7 +73,7 @@ async fn stays_alive(c: &Client, lease: i64, period: Duration) {
 
 /// The port of the endpoint the agent's keep-alive stream is on, from its
 /// debug log.
-fn stream_port(log: &str) -> Option<u16> {
+pub(crate) fn stream_port(log: &str) -> Option<u16> {
     log.lines()
         .rev()
         .find(|l| l.contains("keep-alive stream open"))

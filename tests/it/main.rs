@@ -9,6 +9,7 @@ mod consumers;
 mod deploy;
 mod etcd_errors;
 mod faults;
+mod lease_session;
 mod one_shot;
 mod security;
 mod soak;
