@@ -17,6 +17,7 @@ use tokio::time::{Instant, timeout};
 
 use crate::backoff::{Backoff, Policy};
 use crate::config::EtcdConfig;
+use crate::error::chain_text;
 
 /// HTTP/2 keep-alive ping interval; etcd's default enforcement minimum is 5 s.
 const PING_INTERVAL: Duration = Duration::from_secs(10);
@@ -99,18 +100,6 @@ impl EtcdError {
             EtcdError::Tls(_) => Class::Auth,
         }
     }
-}
-
-/// The text of an error and all its sources, for classification and messages.
-pub fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        cur = s.source();
-    }
-    text
 }
 
 /// Sorts an etcd-client error into retry / lease-gone / auth / fatal.

@@ -3,7 +3,9 @@
 //!
 //! The architecture, one line per module:
 //! - [`cli`]: clap definitions of the command line.
-//! - [`config`]: raw YAML + flags + environment → validated [`config::Config`].
+//! - [`config`]: raw YAML + flags + environment → validated [`config::Config`],
+//!   one module per step (raw, sources, validate, limits, display).
+//! - [`error`]: the error-chain text shared by the etcd classifier and the checks.
 //! - [`identity`]: host name, published address, machine id.
 //! - [`layout`]: the key layout of the registry; build keys, parse them back.
 //! - [`etcd`]: per-endpoint clients, fail-over, timeouts, error classification.
@@ -30,6 +32,7 @@ pub mod check;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod error;
 pub mod etcd;
 pub mod identity;
 pub mod layout;

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OnceCell;
 
 use super::{MAX_OUTPUT, Outcome, Status};
-use crate::etcd::chain_text;
+use crate::error::chain_text;
 
 pub const MAX_REDIRECTS: usize = 5;
 

@@ -1,0 +1,201 @@
+//! Configuration: the raw YAML file, flags and environment merged into one
+//! validated [`Config`].
+//!
+//! Precedence is flag > `REGISTRAR_*` environment > etcdctl's `ETCDCTL_*`
+//! (connection settings only) > config file > default. Validation runs before
+//! any side effect and reports every problem at once, each naming the field,
+//! the bad value and where it came from (file:line:col for the file).
+//!
+//! The pipeline, one module a step:
+//! - [`raw`]: the YAML file into serde structs, and positions (file:line:col)
+//!   of its fields for error messages;
+//! - `sources`: precedence, picking each setting from its flag, environment
+//!   variable, file field or default, with where it came from;
+//! - `validate`: named checks, each reporting every problem it finds;
+//! - `limits`: the etcd transaction size rules (contract rule 7);
+//! - `display`: what `check-config` prints.
+
+mod display;
+mod limits;
+pub mod raw;
+mod sources;
+mod validate;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::cli::{Common, LogFormat};
+pub use raw::{RawCheck, RawConfig, RawDuration};
+
+pub use limits::{MAX_TXN_BYTES, MAX_TXN_OPS};
+
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
+pub const DEFAULT_PREFIX: &str = "/infrastructure";
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/registrar";
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_OUTPUT_REFRESH: Duration = Duration::from_secs(300);
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// User credentials for etcd. `Debug` and `Display` never show the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub name: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Credentials {{ name: {:?}, password: <redacted> }}",
+            self.name
+        )
+    }
+}
+
+/// TLS files for the etcd connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TlsFiles {
+    pub cacert: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// How to reach etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub tls: Option<TlsFiles>,
+    pub user: Option<Credentials>,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// How the published address is chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddressChoice {
+    Explicit(IpAddr),
+    Interface(String),
+    Cidr(ipnet::IpNet),
+    DefaultRoute,
+}
+
+/// The validated configuration every command works from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub etcd: EtcdConfig,
+    pub prefix: String,
+    pub dc: Option<String>,
+    pub roles: Vec<String>,
+    pub host: Option<String>,
+    pub address: AddressChoice,
+    pub ipv6: bool,
+    pub allow_loopback: bool,
+    pub ttl: Duration,
+    pub machine_id: Option<String>,
+    pub state_dir: PathBuf,
+    pub log_format: LogFormat,
+    pub services: BTreeMap<String, u16>,
+    pub meta: BTreeMap<String, String>,
+    pub checks: Vec<crate::check::Spec>,
+    pub output_refresh: Duration,
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The file the config came from, for messages and reload.
+    pub source: Option<PathBuf>,
+    /// Things worth a warning that do not make the config invalid (logged
+    /// once logging is set up).
+    pub warnings: Vec<String>,
+}
+
+/// Every problem found in a configuration, reported together.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "invalid configuration ({n} problem{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn one(p: impl Into<String>) -> Self {
+        Self {
+            problems: vec![p.into()],
+        }
+    }
+}
+
+/// A snapshot of the process environment, passed in rather than read
+/// globally so that tests can supply their own.
+pub type Env = HashMap<String, String>;
+
+impl Config {
+    /// Loads and validates the configuration from flags, environment and the
+    /// optional config file. Touches nothing but the config and password files.
+    pub fn load(flags: &Common, env: &Env) -> Result<Config, ConfigError> {
+        let (raw, file) = match &flags.config {
+            Some(path) => {
+                let text = raw::read_config_file(path)?;
+                let raw = raw::parse_yaml(path, &text)?;
+                (
+                    raw,
+                    Some(raw::FileSource {
+                        path: path.clone(),
+                        text,
+                    }),
+                )
+            }
+            None => (RawConfig::default(), None),
+        };
+        sources::merge(flags, env, raw, file.as_ref())
+    }
+
+    /// Parses a config file on its own (used by reload and tests).
+    pub fn parse_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = raw::read_config_file(path)?;
+        raw::parse_yaml(path, &text)
+    }
+
+    /// The fields a registering command cannot do without.
+    pub fn require_registration_fields(&self) -> Result<(String, Vec<String>), ConfigError> {
+        let mut problems = Vec::new();
+        if self.dc.is_none() {
+            problems.push(
+                "dc is not set: pass --dc, set REGISTRAR_DC, or add `dc:` to the config file"
+                    .to_string(),
+            );
+        }
+        if self.roles.is_empty() {
+            problems.push(
+                "no role is set: pass --role (repeatable), set REGISTRAR_ROLE, or add `roles: [...]` to the config file"
+                    .to_string(),
+            );
+        }
+        match &self.dc {
+            Some(dc) if problems.is_empty() => Ok((dc.clone(), self.roles.clone())),
+            _ => Err(ConfigError { problems }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

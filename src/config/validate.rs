@@ -1,0 +1,449 @@
+//! The named checks of each setting. Each reports every problem it finds
+//! to [`Problems`], naming the field, the bad value and where it came from,
+//! and returns what can be used of the value.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::raw::{RawCheck, RawConfig, RawDuration};
+use super::sources::{Origin, Problems, file_origin, pick};
+use super::*;
+use crate::cli::Common;
+use crate::layout::validate_segment;
+
+pub(super) fn validate_endpoints(
+    p: &mut Problems,
+    (eps, origin): (Vec<String>, Origin),
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if eps.is_empty() {
+        p.push(&origin, "endpoints", "no endpoint given");
+    }
+    for ep in eps {
+        let ep = ep.trim().to_string();
+        let rest = ep
+            .strip_prefix("http://")
+            .or_else(|| ep.strip_prefix("https://"));
+        match rest {
+            Some(hostport) if !hostport.is_empty() && !hostport.contains('/') && ep.parse::<http_uri::Uri>().is_ok() => {
+                out.push(ep)
+            }
+            Some(_) | None => p.push(
+                &origin,
+                "endpoints",
+                format_args!("{ep:?} is not an etcd URL; write it like http://10.0.0.1:2379 or https://etcd1:2379"),
+            ),
+        }
+    }
+    out
+}
+
+/// A tiny URI sanity check without pulling `http` into our public API.
+pub(super) mod http_uri {
+    pub struct Uri;
+    impl std::str::FromStr for Uri {
+        type Err = ();
+        fn from_str(s: &str) -> Result<Self, ()> {
+            let rest = s.split_once("://").map(|x| x.1).ok_or(())?;
+            let (host, port) = match rest.rsplit_once(':') {
+                Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, Some(p)),
+                _ => (rest, None),
+            };
+            if host.is_empty() || host.chars().any(|c| c.is_whitespace()) {
+                return Err(());
+            }
+            if let Some(port) = port {
+                port.parse::<u16>().map_err(|_| ())?;
+            }
+            Ok(Uri)
+        }
+    }
+}
+
+/// A warning when `path` can be read by users other than its owner.
+pub(super) fn readable_by_others(path: &Path, what: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o044 != 0).then(|| {
+        format!(
+            "{what} {} is readable by other users (mode {:o}); run chmod 600 on it",
+            path.display(),
+            mode & 0o777
+        )
+    })
+}
+
+pub(super) fn validate_user(
+    p: &mut Problems,
+    user: Option<(String, Origin)>,
+    password_file: Option<(PathBuf, Origin)>,
+) -> Option<Credentials> {
+    let (user, origin) = user?;
+    let (name, password) = match (user.split_once(':'), password_file) {
+        (Some((name, pw)), _) => (name.to_string(), pw.to_string()),
+        (None, Some((file, fo))) => match std::fs::read_to_string(&file) {
+            Ok(text) => (user.clone(), text.lines().next().unwrap_or("").to_string()),
+            Err(e) => {
+                p.push(
+                    &fo,
+                    "password_file",
+                    format_args!("cannot read {}: {e}", file.display()),
+                );
+                return None;
+            }
+        },
+        (None, None) => {
+            p.push(
+                &origin,
+                "user",
+                format_args!("user {user:?} has no password: write it as name:password or give --password-file"),
+            );
+            return None;
+        }
+    };
+    if name.is_empty() {
+        p.push(&origin, "user", "the user name is empty");
+        return None;
+    }
+    Some(Credentials { name, password })
+}
+
+pub(super) fn duration_field(
+    p: &mut Problems,
+    field: &str,
+    flag: Option<Duration>,
+    flag_name: &str,
+    raw: &Option<RawDuration>,
+    default: Duration,
+) -> Duration {
+    if let Some(d) = flag {
+        if d.is_zero() {
+            p.push(
+                &Origin::Flag(flag_name.into()),
+                field,
+                "must be greater than zero",
+            );
+        }
+        return d;
+    }
+    let origin = file_origin(field);
+    match raw {
+        None => default,
+        Some(raw) => match raw.parse() {
+            Ok(d) => d,
+            Err(msg) => {
+                p.push(&origin, field, msg);
+                default
+            }
+        },
+    }
+}
+
+pub(super) fn segment_field(
+    p: &mut Problems,
+    field: &str,
+    flag: Option<String>,
+    raw: &Option<String>,
+) -> Option<(String, Origin)> {
+    let v = pick(vec![
+        (flag, Origin::Flag(field.into())),
+        (raw.clone(), file_origin(field)),
+    ])?;
+    if let Err(e) = validate_segment(&v.0) {
+        p.push(&v.1, field, format_args!("{:?} {e}", v.0));
+    }
+    Some(v)
+}
+
+pub(super) fn address_field(
+    p: &mut Problems,
+    flags: &Common,
+    raw: &RawConfig,
+    allow_loopback: bool,
+    ipv6: bool,
+) -> AddressChoice {
+    let ip = pick(vec![
+        (flags.ip.clone(), Origin::Flag("ip".into())),
+        (raw.ip.clone(), file_origin("ip")),
+    ]);
+    let interface = pick(vec![
+        (flags.interface.clone(), Origin::Flag("interface".into())),
+        (raw.interface.clone(), file_origin("interface")),
+    ]);
+    let cidr = pick(vec![
+        (flags.cidr.clone(), Origin::Flag("cidr".into())),
+        (raw.cidr.clone(), file_origin("cidr")),
+    ]);
+    let chosen = [ip.is_some(), interface.is_some(), cidr.is_some()]
+        .iter()
+        .filter(|x| **x)
+        .count();
+    if chosen > 1 {
+        let origin = ip
+            .as_ref()
+            .or(interface.as_ref())
+            .map(|v| v.1.clone())
+            .unwrap_or(Origin::Default);
+        p.push(&origin, "ip", "set only one of ip, interface and cidr");
+    }
+    if let Some((s, origin)) = ip {
+        return match s.parse::<IpAddr>() {
+            Ok(addr) => {
+                if !allow_loopback && (addr.is_loopback() || addr.is_unspecified()) {
+                    p.push(
+                        &origin,
+                        "ip",
+                        format_args!("{addr} is a loopback or unspecified address; consumers could not reach it (set allow_loopback: true for tests)"),
+                    );
+                }
+                AddressChoice::Explicit(addr)
+            }
+            Err(_) => {
+                p.push(&origin, "ip", format_args!("{s:?} is not an IP address"));
+                AddressChoice::DefaultRoute
+            }
+        };
+    }
+    if let Some((s, origin)) = interface {
+        if s.is_empty() || s.len() > 15 || s.contains('/') || s.chars().any(char::is_whitespace) {
+            p.push(
+                &origin,
+                "interface",
+                format_args!("{s:?} is not a network interface name"),
+            );
+        }
+        return AddressChoice::Interface(s);
+    }
+    if let Some((s, origin)) = cidr {
+        return match s.parse::<ipnet::IpNet>() {
+            Ok(net) => {
+                if matches!(net, ipnet::IpNet::V6(_)) != ipv6 && ipv6 {
+                    p.push(
+                        &origin,
+                        "cidr",
+                        format_args!("{net} is IPv4 but ipv6 is set"),
+                    );
+                }
+                AddressChoice::Cidr(net)
+            }
+            Err(_) => {
+                p.push(
+                    &origin,
+                    "cidr",
+                    format_args!("{s:?} is not a network; write it like 10.0.0.0/8"),
+                );
+                AddressChoice::DefaultRoute
+            }
+        };
+    }
+    AddressChoice::DefaultRoute
+}
+
+pub(super) fn services_input(
+    p: &mut Problems,
+    flags: &Common,
+    raw: &RawConfig,
+) -> Vec<(String, u32, Origin)> {
+    if !flags.services.is_empty() {
+        let origin = Origin::Flag("service".into());
+        let mut out = Vec::new();
+        for s in &flags.services {
+            match s.split_once('=').map(|(n, port)| (n, port.parse::<u32>())) {
+                Some((n, Ok(port))) => out.push((n.to_string(), port, origin.clone())),
+                _ => p.push(
+                    &origin,
+                    "services",
+                    format_args!("{s:?} is not NAME=PORT, e.g. http=8080"),
+                ),
+            }
+        }
+        return out;
+    }
+    raw.services
+        .iter()
+        .flatten()
+        .map(|(n, port)| {
+            (
+                n.clone(),
+                *port,
+                Origin::File(vec!["services".into(), n.clone()]),
+            )
+        })
+        .collect()
+}
+
+pub(super) fn meta_input(
+    p: &mut Problems,
+    flags: &Common,
+    raw: &RawConfig,
+) -> Vec<(String, String, Origin)> {
+    if !flags.meta.is_empty() {
+        let origin = Origin::Flag("--meta".into());
+        let mut out = Vec::new();
+        for s in &flags.meta {
+            match s.split_once('=') {
+                Some((k, v)) => out.push((k.to_string(), v.to_string(), origin.clone())),
+                None => p.push(&origin, "meta", format_args!("{s:?} is not KEY=VALUE")),
+            }
+        }
+        return out;
+    }
+    raw.meta
+        .iter()
+        .flatten()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.clone(),
+                Origin::File(vec!["meta".into(), k.clone()]),
+            )
+        })
+        .collect()
+}
+
+pub(super) fn checks_field(p: &mut Problems, raw: &[RawCheck]) -> Vec<crate::check::Spec> {
+    use crate::check::{Kind, Spec, Thresholds};
+    let mut out = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    for (i, c) in raw.iter().enumerate() {
+        let label = c.name.clone().unwrap_or_else(|| format!("#{}", i + 1));
+        let item = format!("[{i}]={label}");
+        let origin = Origin::File(vec!["checks".into(), item.clone()]);
+        let field = format!("checks[{label}]");
+        let before = p.list.len();
+        let name = match &c.name {
+            None => {
+                p.push(&origin, &field, "has no name");
+                String::new()
+            }
+            Some(n) => {
+                if let Err(e) = validate_segment(n) {
+                    p.push(&origin, &field, format_args!("name {n:?} {e}"));
+                } else if !names.insert(n.clone()) {
+                    p.push(
+                        &origin,
+                        &field,
+                        format_args!("the name {n:?} is used by two checks"),
+                    );
+                }
+                n.clone()
+            }
+        };
+        let kinds = [
+            c.exec.is_some(),
+            c.shell.is_some(),
+            c.http.is_some(),
+            c.tcp.is_some(),
+        ];
+        let kind = match kinds.iter().filter(|k| **k).count() {
+            1 => {
+                if let Some(argv) = &c.exec {
+                    if argv.is_empty() || argv[0].is_empty() {
+                        p.push(
+                            &origin,
+                            &field,
+                            "exec needs a program: exec: [/usr/bin/check, arg]",
+                        );
+                    }
+                    Some(Kind::Exec(argv.clone()))
+                } else if let Some(line) = &c.shell {
+                    if line.trim().is_empty() {
+                        p.push(&origin, &field, "shell is empty");
+                    }
+                    Some(Kind::Shell(line.clone()))
+                } else if let Some(url) = &c.http {
+                    if crate::check::http::parse(url).is_err() {
+                        p.push(
+                            &origin,
+                            &field,
+                            format_args!("http {url:?} is not an http:// or https:// URL"),
+                        );
+                    }
+                    Some(Kind::Http(url.clone()))
+                } else if let Some(addr) = &c.tcp {
+                    let ok = addr.rsplit_once(':').is_some_and(|(h, port)| {
+                        !h.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+                    });
+                    if !ok {
+                        p.push(
+                            &origin,
+                            &field,
+                            format_args!("tcp {addr:?} is not host:port"),
+                        );
+                    }
+                    Some(Kind::Tcp(addr.clone()))
+                } else {
+                    None
+                }
+            }
+            0 => {
+                p.push(&origin, &field, "needs one of exec, shell, http or tcp");
+                None
+            }
+            _ => {
+                p.push(
+                    &origin,
+                    &field,
+                    "has more than one of exec, shell, http and tcp",
+                );
+                None
+            }
+        };
+        let dur = |p: &mut Problems, sub: &str, raw: &Option<RawDuration>, default: Duration| {
+            let at = Origin::File(vec!["checks".into(), item.clone(), sub.into()]);
+            match raw {
+                None => default,
+                Some(raw) => match raw.parse() {
+                    Ok(d) => d,
+                    Err(msg) => {
+                        p.push(&at, &field, format_args!("{sub}: {msg}"));
+                        default
+                    }
+                },
+            }
+        };
+        let interval = dur(p, "interval", &c.interval, DEFAULT_CHECK_INTERVAL);
+        let timeout = dur(p, "timeout", &c.timeout, DEFAULT_CHECK_TIMEOUT);
+        let deregister_after = c.deregister_after.as_ref().map(|d| {
+            dur(
+                p,
+                "deregister_after",
+                &Some(d.clone()),
+                Duration::from_secs(60),
+            )
+        });
+        let mut threshold = |sub: &str, v: Option<u32>| match v {
+            Some(0) => {
+                p.push(&origin, &field, format_args!("{sub} must be at least 1"));
+                1
+            }
+            Some(n) => n,
+            None => 1,
+        };
+        let thresholds = Thresholds {
+            success_before_passing: threshold("success_before_passing", c.success_before_passing),
+            failures_before_warning: threshold(
+                "failures_before_warning",
+                c.failures_before_warning,
+            ),
+            failures_before_critical: threshold(
+                "failures_before_critical",
+                c.failures_before_critical,
+            ),
+        };
+        if let Some(kind) = kind
+            && p.list.len() == before
+        {
+            out.push(Spec {
+                name,
+                kind,
+                interval,
+                timeout,
+                thresholds,
+                deregister_after,
+            });
+        }
+    }
+    out
+}
