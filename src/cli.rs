@@ -337,3 +337,68 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration ({e}); write it like 30s, 1m or 500ms"))
 }
+
+/// The flags of [`Common`] that only describe the host this agent
+/// registers: the consumers (`ls`, `watch`, `wait`) read the registry and
+/// have no use for them.
+const AGENT_ONLY: &[&str] = &[
+    "host",
+    "ip",
+    "interface",
+    "cidr",
+    "ipv6",
+    "allow_loopback",
+    "ttl",
+    "machine_id",
+    "state_dir",
+    "services",
+    "meta",
+    "metrics_listen",
+];
+
+/// The consumer commands.
+const CONSUMERS: &[&str] = &["ls", "watch", "wait"];
+
+/// The command line as clap parses it and `--help`, the man page and the
+/// completions show it: the consumers do not list the agent-only flags.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    for name in CONSUMERS {
+        cmd = cmd.mut_subcommand(*name, |mut sub| {
+            for id in AGENT_ONLY {
+                sub = sub.mut_arg(*id, |a| a.hide(true));
+            }
+            sub
+        });
+    }
+    cmd
+}
+
+/// Parses the process's arguments with [`command`] (exits with clap's usage
+/// error, 2, on a bad one). An agent-only flag given to a consumer on the
+/// command line is refused rather than silently ignored; the same setting
+/// from the environment (an agent's unit file) is ignored.
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let mut cmd = command();
+    let matches = cmd.clone().get_matches();
+    if let Some((name, sub)) = matches.subcommand()
+        && CONSUMERS.contains(&name)
+        && let Some(id) = AGENT_ONLY
+            .iter()
+            .find(|id| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+    {
+        let flag = cmd
+            .find_subcommand(name)
+            .and_then(|s| s.get_arguments().find(|a| a.get_id() == *id))
+            .and_then(|a| a.get_long())
+            .unwrap_or(id);
+        cmd.error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!("`registrar {name}` reads the registry and does not take --{flag} (a flag of the agent)"),
+        )
+        .exit();
+    }
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}

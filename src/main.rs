@@ -4,15 +4,13 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
-use registrar::cli::Cli;
 use registrar::commands::{self, exit};
 use registrar::config::ConfigError;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = registrar::cli::parse();
     if let Some(out) = commands::generated(&cli) {
         return match out {
             Ok(bytes) => {

@@ -287,9 +287,19 @@ pub async fn write(
     lease: LeaseId,
 ) -> Result<Option<Revision>, RegisterError> {
     let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
+    // Leases of this machine's earlier incarnation whose keys the write
+    // moves to `lease`; revoked once they hold nothing.
+    let mut taken_over: BTreeSet<LeaseId> = BTreeSet::new();
     for _attempt in 0..8 {
         let resp = run_txn(etcd, "register", write_txn(desired, lease, &seen)).await?;
         if resp.succeeded() {
+            for old in &taken_over {
+                // The keys moved in the transaction; what the old lease may
+                // still hold (a role no longer configured) goes with it.
+                if let Err(e) = revoke(etcd, *old).await {
+                    tracing::warn!(old_lease = %old, error = %e, "could not revoke this machine's earlier lease; its leftover keys expire with it");
+                }
+            }
             return Ok(Revision::of_header(resp.header()));
         }
         seen = collect_seen(&resp);
@@ -301,20 +311,26 @@ pub async fn write(
         for other in leases {
             let owner = owner_of(&seen, Some(other));
             if owner.as_deref() == Some(desired.machine_id.as_str()) {
-                tracing::info!(
-                    host = desired.host(),
-                    old_lease = %other,
-                    "taking over this machine's earlier registration"
-                );
-                revoke(etcd, other).await?;
-            } else if time_to_live(etcd, other).await?.is_some() {
+                // Our own earlier incarnation: its keys are overwritten in
+                // the next transaction (compared by mod_revision, put with
+                // our lease), so consumers see one change, never a gap.
+                if taken_over.insert(other) {
+                    tracing::info!(
+                        host = desired.host(),
+                        old_lease = %other,
+                        "taking over this machine's earlier registration"
+                    );
+                }
+                continue;
+            }
+            if time_to_live(etcd, other).await?.is_some() {
                 return Err(RegisterError::Conflict {
                     host: desired.host().to_string(),
                     owner: owner.unwrap_or_else(|| "(no owner key)".into()),
                     lease: Some(other),
                 });
             }
-            // Revoked or expired: its keys are gone, so forget them.
+            // Expired: its keys are gone, so forget them.
             seen.retain(|_, s| s.lease != Some(other));
         }
         if let Some(owner) = seen

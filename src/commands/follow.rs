@@ -31,6 +31,8 @@ pub struct Follower<'a> {
     pub registry: Registry,
     /// Every event up to this revision has been applied.
     pub revision: i64,
+    /// The cluster the snapshot was read from (0 until known).
+    cluster_id: u64,
     stream: Option<WatchStream>,
     rotation: Rotation,
     outage: Outage,
@@ -50,6 +52,7 @@ impl<'a> Follower<'a> {
             scope: scope.to_string(),
             registry: Registry::default(),
             revision: 0,
+            cluster_id: 0,
             stream: None,
             rotation: etcd.rotation(None, Policy::STANDARD),
             outage: Outage::new("cannot watch the registry"),
@@ -71,6 +74,7 @@ impl<'a> Follower<'a> {
         let (registry, bad) = Registry::from_kvs(&self.prefix, resp.kvs());
         self.registry = registry;
         self.revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        self.cluster_id = resp.header().map(|h| h.cluster_id()).unwrap_or(0);
         Ok(bad)
     }
 
@@ -130,11 +134,44 @@ impl<'a> Follower<'a> {
                     continue;
                 }
             };
-            if resp.compact_revision() > 0 {
+            // History that went backwards (a restore, a wiped or replaced
+            // cluster) looks like a healthy stream that never says anything
+            // again: etcd waits for revisions it will not reach for a long
+            // time. Notice it by the header and re-read, as after a
+            // compaction.
+            let behind = resp.header().is_some_and(|h| {
+                (self.cluster_id != 0 && h.cluster_id() != 0 && h.cluster_id() != self.cluster_id)
+                    || (h.revision() > 0 && h.revision() < self.revision)
+            });
+            if behind || resp.compact_revision() > 0 {
                 // Our history is gone: diff a fresh snapshot against what we had.
+                let (old_revision, old_cluster) = (self.revision, self.cluster_id);
                 let old = std::mem::take(&mut self.registry);
                 let bad = self.resnapshot().await?;
                 bad.into_iter().for_each(&mut *report);
+                if self.cluster_id != old_cluster && old_cluster != 0 {
+                    tracing::warn!(
+                        "the etcd cluster changed (id {:x}, was {:x}); re-read the registry and reporting the difference",
+                        self.cluster_id,
+                        old_cluster
+                    );
+                } else if self.revision < old_revision {
+                    tracing::warn!(
+                        "the registry's history went backwards (revision {} after {}: a restore or a wiped cluster); re-read it and reporting the difference",
+                        self.revision,
+                        old_revision
+                    );
+                } else if resp.compact_revision() > 0 {
+                    tracing::info!(
+                        compacted = resp.compact_revision(),
+                        "the watch's history was compacted; re-read the registry and reporting the difference"
+                    );
+                } else {
+                    // A member a little behind the one the snapshot came from.
+                    tracing::debug!(
+                        "the watch's member was behind the last read; re-read the registry"
+                    );
+                }
                 let mut changes = Vec::new();
                 let ids: std::collections::BTreeSet<&HostId> =
                     old.hosts.keys().chain(self.registry.hosts.keys()).collect();

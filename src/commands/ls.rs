@@ -32,7 +32,8 @@ pub struct JsonHost<'a> {
 }
 
 pub async fn run(config: &Config, args: &LsArgs) -> Result<(), Failure> {
-    let (key_scope, _) = scope(config, args.path.as_deref(), 3)?;
+    let scope = scope(config, args.path.as_deref(), &args.one_shot.common, 3)?;
+    let key_scope = scope.key.clone();
     let etcd = Etcd::new(&config.etcd).map_err(|e| Failure::new(exit::DENIED, e))?;
     let deadline = Instant::now() + args.one_shot.timeout;
     let resp = retry_until(deadline, || {
@@ -55,7 +56,7 @@ pub async fn run(config: &Config, args: &LsArgs) -> Result<(), Failure> {
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let hosts: Vec<(&HostId, &HostView)> = registry
         .present()
-        .filter(|(_, h)| !args.healthy || h.healthy())
+        .filter(|(id, h)| scope.includes(id) && (!args.healthy || h.healthy()))
         .collect();
     let text = render(&hosts, args.output, revision);
     let mut out = std::io::stdout().lock();
@@ -64,9 +65,11 @@ pub async fn run(config: &Config, args: &LsArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Renders a listing; empty input renders nothing.
+/// Renders a listing. An empty listing is no lines as a table or as
+/// addresses, and still one document as JSON (`{"revision":N,"hosts":[]}`),
+/// so that `jq '.hosts|length'` says 0.
 pub fn render(hosts: &[(&HostId, &HostView)], format: LsFormat, revision: i64) -> String {
-    if hosts.is_empty() {
+    if hosts.is_empty() && format != LsFormat::Json {
         return String::new();
     }
     match format {

@@ -113,50 +113,114 @@ fn report_malformed(m: crate::registry::Malformed) {
     eprintln!("registrar: skipping malformed key {}: {}", m.key, m.why);
 }
 
-/// The key prefix for a `DC[/ROLE[/HOST]]` argument of at most `depth`
-/// segments, with the segments themselves.
+/// What part of the registry a consumer shows: a key prefix to read or
+/// watch, and the hosts within it to show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// `<prefix>/[dc/[role/[host/]]]`: what is read.
+    pub key: String,
+    pub dc: Option<String>,
+    pub role: Option<String>,
+    pub host: Option<String>,
+}
+
+impl Scope {
+    /// Whether a host is in scope.
+    pub fn includes(&self, id: &crate::registry::HostId) -> bool {
+        self.dc.as_ref().is_none_or(|d| *d == id.dc)
+            && self.role.as_ref().is_none_or(|r| *r == id.role)
+            && self.host.as_ref().is_none_or(|h| *h == id.host)
+    }
+}
+
+/// The scope of a consumer: a `DC[/ROLE[/HOST]]` argument of at most
+/// `depth` segments, narrowed by `--dc` and one `--role` as given on the
+/// command line or in the environment (a config file's `dc`/`roles` describe
+/// the agent's own host and do not scope a listing). A flag that disagrees
+/// with the argument is a usage error (exit 2), never silently dropped.
 fn scope(
     config: &Config,
     path: Option<&str>,
+    flags: &Common,
     depth: usize,
-) -> Result<(String, Vec<String>), Failure> {
-    let mut key = format!("{}/", config.prefix);
-    let mut segs = Vec::new();
+) -> Result<Scope, Failure> {
+    let usage = |msg: String| Failure::new(exit::USAGE, anyhow::anyhow!(msg));
+    let mut segs: Vec<String> = Vec::new();
     if let Some(path) = path.map(|p| p.trim_matches('/')).filter(|p| !p.is_empty()) {
         let parts: Vec<&str> = path.split('/').collect();
         if parts.len() > depth {
             let want = ["DC", "DC/ROLE", "DC/ROLE/HOST"][depth - 1];
-            return Err(Failure::new(
-                exit::USAGE,
-                anyhow::anyhow!("{path:?} has {} segments; give {want}", parts.len()),
-            ));
+            return Err(usage(format!(
+                "{path:?} has {} segments; give {want}",
+                parts.len()
+            )));
         }
         for p in parts {
-            crate::layout::validate_segment(p).map_err(|e| {
-                Failure::new(exit::USAGE, anyhow::anyhow!("path segment {p:?} {e}"))
-            })?;
-            key.push_str(p);
-            key.push('/');
+            crate::layout::validate_segment(p)
+                .map_err(|e| usage(format!("path segment {p:?} {e}")))?;
             segs.push(p.to_string());
         }
     }
-    Ok((key, segs))
+    let role_flag = match flags.roles.as_slice() {
+        [] => None,
+        [r] => Some(r.clone()),
+        many => {
+            return Err(usage(format!(
+                "give one --role to narrow a listing, not {}",
+                many.join(",")
+            )));
+        }
+    };
+    let pick = |i: usize, flag: Option<String>, name: &str| -> Result<Option<String>, Failure> {
+        match (segs.get(i).cloned(), flag) {
+            (Some(a), Some(b)) if a != b => Err(usage(format!(
+                "the path says {name} {a:?} but --{name} says {b:?}; give one of them"
+            ))),
+            (Some(a), _) => Ok(Some(a)),
+            (None, Some(b)) => {
+                crate::layout::validate_segment(&b)
+                    .map_err(|e| usage(format!("--{name} {b:?} {e}")))?;
+                Ok(Some(b))
+            }
+            (None, None) => Ok(None),
+        }
+    };
+    let dc = pick(0, flags.dc.clone(), "dc")?;
+    let role = pick(1, role_flag, "role")?;
+    let host = segs.get(2).cloned();
+    // Read as narrow a prefix as the scope allows; a role without a DC is
+    // filtered after the read.
+    let mut key = format!("{}/", config.prefix);
+    for seg in [&dc, &role, &host] {
+        match seg {
+            Some(s) if dc.is_some() => {
+                key.push_str(s);
+                key.push('/');
+            }
+            _ => break,
+        }
+    }
+    Ok(Scope {
+        key,
+        dc,
+        role,
+        host,
+    })
 }
 
 /// Output of the commands that need neither config nor etcd
 /// (completions, man), or `None` for every other command.
 pub fn generated(cli: &Cli) -> Option<Result<Vec<u8>, Failure>> {
-    use clap::CommandFactory;
     match &cli.command {
         Command::Completions { shell } => {
             let mut out = Vec::new();
-            clap_complete::generate(*shell, &mut Cli::command(), "registrar", &mut out);
+            clap_complete::generate(*shell, &mut crate::cli::command(), "registrar", &mut out);
             Some(Ok(out))
         }
         Command::Man => {
             let mut out = Vec::new();
             Some(
-                clap_mangen::Man::new(Cli::command())
+                clap_mangen::Man::new(crate::cli::command())
                     .render(&mut out)
                     .map(|_| out)
                     .map_err(|e| Failure::new(exit::RUNTIME, e)),

@@ -101,7 +101,8 @@ pub async fn run(
     args: &WatchArgs,
     cancel: &CancellationToken,
 ) -> Result<(), Failure> {
-    let (key_scope, _) = scope(config, args.path.as_deref(), 2)?;
+    let scope = scope(config, args.path.as_deref(), &args.common, 2)?;
+    let key_scope = scope.key.clone();
     let etcd = Etcd::new(&config.etcd).map_err(|e| Failure::new(exit::DENIED, e))?;
     let start = tokio::select! {
         r = crate::etcd::retry_until(tokio::time::Instant::now() + std::time::Duration::from_secs(3600 * 24 * 365), || Follower::start(&etcd, &config.prefix, &key_scope)) => r,
@@ -113,6 +114,7 @@ pub async fn run(
     let snapshot: String = follower
         .registry
         .present()
+        .filter(|(id, _)| scope.includes(id))
         .map(|(id, h)| line(args.output, follower.revision, id, Some(h), None))
         .collect();
     if out
@@ -123,13 +125,18 @@ pub async fn run(
         return Ok(());
     }
     let mut report = report_malformed;
+    let closed = stdout_closed();
+    tokio::pin!(closed);
     loop {
         let batch = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
+            // `| head -1` on a quiet registry: done, without waiting for
+            // an event to fail to write.
+            _ = &mut closed => return Ok(()),
             b = follower.next(&mut report) => b.map_err(|e| etcd_failure(e, &etcd))?,
         };
         let mut text = String::new();
-        for (id, before, after) in &batch.changes {
+        for (id, before, after) in batch.changes.iter().filter(|(id, ..)| scope.includes(id)) {
             for change in diff(before.as_ref(), after.as_ref()) {
                 let shown = after.as_ref().or(before.as_ref());
                 text.push_str(&line(args.output, batch.revision, id, shown, Some(&change)));
@@ -143,5 +150,52 @@ pub async fn run(
             // stdout closed (`| head`): done.
             return Ok(());
         }
+    }
+}
+
+/// Resolves when stdout's reader has gone (`watch | head -1`): a pipe whose
+/// read end is closed reports an error condition on its write end, which
+/// poll(2) sees without writing anything. On a quiet registry that is the
+/// only way to notice before the next event. Resolves never for a stdout
+/// that cannot be polled (a file, say).
+async fn stdout_closed() {
+    use std::os::fd::AsFd;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use nix::poll::{PollFd, PollFlags, poll};
+
+    // Stop the poller when this future is dropped.
+    struct Stop(Arc<AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop = Stop(stop.clone());
+    let closed = tokio::task::spawn_blocking(move || {
+        let stdout = std::io::stdout();
+        while !stop.load(Ordering::Relaxed) {
+            let mut fds = [PollFd::new(stdout.as_fd(), PollFlags::empty())];
+            match poll(&mut fds, 200u16) {
+                Ok(n) if n > 0 => {
+                    let gone = PollFlags::POLLERR | PollFlags::POLLHUP;
+                    if fds[0].revents().is_some_and(|r| r.intersects(gone)) {
+                        return true;
+                    }
+                    // POLLNVAL and the like: stdout cannot be watched.
+                    return false;
+                }
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return false,
+            }
+        }
+        false
+    });
+    match closed.await {
+        Ok(true) => {}
+        _ => std::future::pending().await,
     }
 }

@@ -183,10 +183,15 @@ struct WatchProc {
 
 impl WatchProc {
     fn start(eps: &str) -> WatchProc {
+        Self::start_with(eps, &["dc1"])
+    }
+
+    /// `watch -o json ARGS...` through `eps`.
+    fn start_with(eps: &str, args: &[&str]) -> WatchProc {
         let mut child = registrar()
+            .arg("watch")
+            .args(args)
             .args([
-                "watch",
-                "dc1",
                 "-o",
                 "json",
                 "--endpoints",
@@ -251,6 +256,23 @@ impl WatchProc {
             }
         })
         .await;
+    }
+}
+
+impl WatchProc {
+    /// Waits until an event of `host` is seen; returns every event so far.
+    async fn wait_for_host(&self, host: &str) -> Vec<(String, String)> {
+        eventually(Duration::from_secs(20), "an event of the host", || {
+            let got = self.events();
+            async move {
+                if got.iter().any(|(_, h)| h == host) {
+                    Ok(got)
+                } else {
+                    Err(format!("{got:?}"))
+                }
+            }
+        })
+        .await
     }
 }
 
@@ -530,7 +552,8 @@ async fn watch_exits_cleanly_on_a_closed_stdout_and_on_sigint() {
         0
     );
 
-    // `registrar watch | head -1`: the reader goes away after one line.
+    // `registrar watch | head -1`: the reader goes away after one line, on
+    // a registry where nothing happens afterwards.
     let mut piped = registrar()
         .args(["watch", "--endpoints", &eps])
         .stdout(Stdio::piped())
@@ -544,11 +567,6 @@ async fn watch_exits_cleanly_on_a_closed_stdout_and_on_sigint() {
         "{first}"
     );
     drop(lines);
-    // The next event finds the pipe closed.
-    assert_eq!(
-        run(&register_args(&eps, "web", "b", "10.0.0.2")).await.code,
-        0
-    );
     let status = tokio::time::timeout(Duration::from_secs(10), piped.wait())
         .await
         .expect("watch kept running")
@@ -570,4 +588,201 @@ async fn watch_exits_cleanly_on_a_closed_stdout_and_on_sigint() {
         .expect("watch ignored SIGINT")
         .unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// Registers one host one-shot (machine id `id-HOST` unless given).
+async fn register_host(eps: &str, dc: &str, role: &str, host: &str, ip: &str, id: Option<&str>) {
+    let id = id.map_or(format!("id-{host}"), String::from);
+    let mut a = cmd("register", host_args(eps, dc, role, host, &id, "60s"));
+    if let Some(i) = a.iter().position(|x| x == "127.0.0.1") {
+        a[i] = ip.to_string();
+    }
+    let r = run(&a).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+/// Hosts in two DCs and two roles, registered one-shot.
+async fn two_dcs(eps: &str) {
+    for (dc, role, host, ip) in [
+        ("dc1", "web", "w1", "10.0.0.1"),
+        ("dc1", "db", "d1", "10.0.0.2"),
+        ("dc2", "web", "w2", "10.0.1.1"),
+    ] {
+        register_host(eps, dc, role, host, ip, None).await;
+    }
+}
+
+fn hosts_of(json: &str) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(json).expect("one JSON document");
+    v["hosts"]
+        .as_array()
+        .expect("a hosts array")
+        .iter()
+        .map(|h| {
+            format!(
+                "{}/{}/{}",
+                h["dc"].as_str().unwrap(),
+                h["role"].as_str().unwrap(),
+                h["host"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn ls_and_watch_honour_dc_and_role_and_refuse_agent_flags() {
+    let cluster = Cluster::start(1).await;
+    let eps = cluster.endpoint_list();
+    two_dcs(&eps).await;
+    for (args, want) in [
+        (vec!["--dc", "dc2"], vec!["dc2/web/w2"]),
+        (vec!["--role", "web"], vec!["dc1/web/w1", "dc2/web/w2"]),
+        (vec!["dc1", "--role", "db"], vec!["dc1/db/d1"]),
+        (
+            vec!["--dc", "dc1", "--role", "web", "--healthy"],
+            vec!["dc1/web/w1"],
+        ),
+        (vec!["dc2/web", "--dc", "dc2"], vec!["dc2/web/w2"]),
+    ] {
+        let mut a = args.clone();
+        a.extend(["-o", "json"]);
+        let r = ls(&eps, &a).await;
+        assert_eq!(r.code, 0, "ls {args:?}: {}", r.stderr);
+        assert_eq!(hosts_of(&r.stdout), want, "ls {args:?}");
+    }
+    // A scope that matches nothing is still one JSON document.
+    let r = ls(&eps, &["--dc", "dc5", "-o", "json"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("JSON on an empty scope");
+    assert_eq!(v["hosts"].as_array().map(Vec::len), Some(0));
+    assert!(v["revision"].as_i64().is_some_and(|r| r > 0), "{v}");
+
+    // Disagreeing scopes, several roles, and agent-only flags are refused.
+    for bad in [
+        vec!["dc1", "--dc", "dc2"],
+        vec!["dc1/web", "--role", "db"],
+        vec!["--role", "web", "--role", "db"],
+        vec!["--ttl", "5s"],
+        vec!["--service", "http=80"],
+        vec!["--metrics-listen", "127.0.0.1:9477"],
+    ] {
+        let r = ls(&eps, &bad).await;
+        assert_eq!(r.code, 2, "ls {bad:?} was accepted: {}", r.stdout);
+    }
+    for command in ["ls", "watch", "wait"] {
+        let help = run(&[command, "--help"]).await;
+        for flag in [
+            "--ttl",
+            "--service",
+            "--metrics-listen",
+            "--machine-id",
+            "--ip ",
+        ] {
+            assert!(!help.stdout.contains(flag), "{command} --help lists {flag}");
+        }
+        assert!(help.stdout.contains("--endpoints"), "{command} --help");
+    }
+
+    // watch --dc: the snapshot and the events of that DC only.
+    let watch = WatchProc::start_with(&eps, &["--dc", "dc2"]);
+    watch.wait_for(&[("present", "w2")]).await;
+    register_host(&eps, "dc1", "web", "w3", "10.0.0.3", None).await;
+    register_host(&eps, "dc2", "web", "w4", "10.0.1.4", None).await;
+    watch.wait_for(&[("present", "w2"), ("up", "w4")]).await;
+}
+
+#[tokio::test]
+async fn watch_and_wait_notice_a_wiped_cluster() {
+    let mut cluster = Cluster::start(1).await;
+    let eps = cluster.endpoint_list();
+    two_dcs(&eps).await;
+    // Some history, so that the wiped cluster starts far below it.
+    let mut c = cluster.client().await;
+    for i in 0..20 {
+        c.put(format!("/elsewhere/{i}"), "x", None).await.unwrap();
+    }
+    let before = cluster.watch_streams(0).await;
+    let watch = WatchProc::start_with(&eps, &["dc1"]);
+    watch
+        .wait_for(&[("present", "d1"), ("present", "w1")])
+        .await;
+    let wait = registrar()
+        .args([
+            "wait",
+            "--endpoints",
+            &eps,
+            "--dc",
+            "dc9",
+            "--role",
+            "web",
+            "--count",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Both are watching the cluster that is about to be wiped.
+    eventually(Duration::from_secs(10), "two watch streams", || {
+        let cluster = &cluster;
+        async move {
+            let n = cluster.watch_streams(0).await;
+            if n >= before + 2 {
+                Ok(())
+            } else {
+                Err(format!("{n} watch streams"))
+            }
+        }
+    })
+    .await;
+
+    // The cluster's data is lost and it starts afresh (a restore to an
+    // empty snapshot, or a replaced cluster on the same addresses).
+    cluster.wipe_and_restart(0).await;
+    register_host(&eps, "dc1", "web", "w5", "10.0.0.5", None).await;
+    // The vanished hosts go down, the new one comes up.
+    watch
+        .wait_for(&[
+            ("present", "d1"),
+            ("present", "w1"),
+            ("down", "d1"),
+            ("down", "w1"),
+            ("up", "w5"),
+        ])
+        .await;
+    // wait sees a host registered after the wipe.
+    register_host(&eps, "dc9", "web", "w9", "10.0.9.9", None).await;
+    let out = tokio::time::timeout(Duration::from_secs(15), wait.wait_with_output())
+        .await
+        .expect("wait never noticed the host registered after the wipe")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dc9/web/w9"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("went backwards"),
+        "the wipe was not said: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_takeover_shows_consumers_one_change_not_down_and_up() {
+    let cluster = Cluster::start(1).await;
+    let eps = cluster.endpoint_list();
+    register_host(&eps, "dc1", "web", "a", "10.0.0.1", Some("same-id")).await;
+    let watch = WatchProc::start(&eps);
+    watch.wait_for(&[("present", "a")]).await;
+    // The same machine registers again (a reboot): a new lease takes over.
+    register_host(&eps, "dc1", "web", "a", "10.0.0.1", Some("same-id")).await;
+    let mut c = cluster.client().await;
+    let leases = c.leases().await.unwrap();
+    assert_eq!(leases.leases().len(), 1, "the old lease was not revoked");
+    // A later event proves the watch has seen everything before it.
+    register_host(&eps, "dc1", "web", "b", "10.0.0.2", None).await;
+    let events = watch.wait_for_host("b").await;
+    let of_a: Vec<&(String, String)> = events.iter().filter(|(_, h)| h == "a").collect();
+    assert!(
+        !of_a.iter().any(|(e, _)| e == "down"),
+        "consumers saw the host go down during the takeover: {of_a:?}"
+    );
 }

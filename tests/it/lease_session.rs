@@ -337,35 +337,6 @@ async fn a_minute_of_etcd_down_is_quiet_and_its_end_is_said() {
     .await;
 }
 
-/// How many watch streams etcd has started, from its metrics.
-async fn watch_streams(cluster: &Cluster) -> u64 {
-    let url = format!("{}/metrics", cluster.members[0].endpoint());
-    let text = http_get(&url).await;
-    text.lines()
-        .find(|l| {
-            l.starts_with("grpc_server_started_total")
-                && l.contains("grpc_method=\"Watch\"")
-                && l.contains("etcdserverpb.Watch")
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no watch stream counter in etcd's metrics:\n{text}"))
-}
-
-/// A plain HTTP/1.0 GET on loopback.
-async fn http_get(url: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.trim_start_matches("http://");
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[tokio::test]
 async fn health_changes_open_no_new_etcd_watch() {
     let cluster = Cluster::start(1).await;
@@ -375,7 +346,7 @@ async fn health_changes_open_no_new_etcd_watch() {
     let _agent = agent_with_flag(&cluster.endpoint_list(), &flag_config(dir.path(), &flag));
     let c = cluster.client().await;
     let lease = wait_health(&c, "passing", Duration::from_secs(10)).await;
-    let before = watch_streams(&cluster).await;
+    let before = cluster.watch_streams(0).await;
     for _ in 0..3 {
         std::fs::remove_file(&flag).unwrap();
         wait_health(&c, "critical", Duration::from_secs(5)).await;
@@ -383,7 +354,7 @@ async fn health_changes_open_no_new_etcd_watch() {
         wait_health(&c, "passing", Duration::from_secs(5)).await;
     }
     assert_eq!(
-        watch_streams(&cluster).await,
+        cluster.watch_streams(0).await,
         before,
         "six health changes opened etcd watch streams"
     );

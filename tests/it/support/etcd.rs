@@ -325,6 +325,31 @@ impl Cluster {
         self.wait_healthy().await;
     }
 
+    /// How many watch streams member `i` has started, from its metrics.
+    pub async fn watch_streams(&self, i: usize) -> u64 {
+        let url = format!("{}/metrics", self.members[i].endpoint());
+        let text = http_get(&url).await;
+        text.lines()
+            .find(|l| {
+                l.starts_with("grpc_server_started_total")
+                    && l.contains("grpc_method=\"Watch\"")
+                    && l.contains("etcdserverpb.Watch")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no watch stream counter in etcd's metrics:\n{text}"))
+    }
+
+    /// Kills a single-member cluster, deletes its data and starts it afresh
+    /// on the same addresses: what a consumer sees of a restore to an empty
+    /// snapshot or of a replaced cluster. Waits until it serves.
+    pub async fn wipe_and_restart(&mut self, i: usize) {
+        self.kill(i);
+        std::fs::remove_dir_all(&self.members[i].data_dir).expect("remove the data dir");
+        self.spawn(i);
+        self.wait_healthy().await;
+    }
+
     /// Restarts every member at once (a whole-cluster restart) and waits
     /// until all serve again.
     pub async fn restart_all(&mut self) {
@@ -448,4 +473,18 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// A plain HTTP/1.0 GET on loopback.
+async fn http_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }
