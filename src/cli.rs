@@ -151,11 +151,11 @@ pub struct MaintenanceArgs {
 pub enum MaintenanceAction {
     /// Enter maintenance; consumers using `--healthy` stop sending traffic.
     On {
-        /// Why (shown as the value of the `maintenance` key).
-        #[arg(long)]
+        /// Why (shown as the value of the `maintenance` key): one line of text.
+        #[arg(long, value_parser = parse_one_line)]
         reason: String,
-        /// Leave maintenance by itself after this long, e.g. 30m.
-        #[arg(long = "for", value_parser = parse_duration, value_name = "DURATION")]
+        /// Leave maintenance by itself after this long, e.g. 30m (at most a year).
+        #[arg(long = "for", value_parser = parse_maintenance_for, value_name = "DURATION")]
         r#for: Option<Duration>,
         #[command(flatten)]
         common: Common,
@@ -333,6 +333,34 @@ pub struct Common {
 }
 
 /// Parses a humantime duration (`30s`, `1m30s`, `500ms`) for clap.
+/// `maintenance on --for`: a duration of at most a year. Longer is not a
+/// drain but a decommission, and an end past year 9999 cannot be written.
+fn parse_maintenance_for(s: &str) -> Result<Duration, String> {
+    const YEAR: Duration = Duration::from_secs(366 * 24 * 3600);
+    match parse_duration(s)? {
+        d if d > YEAR => Err(format!(
+            "{s:?} is more than a year; leave --for out to stay in maintenance until `maintenance off`"
+        )),
+        d if d.is_zero() => Err("must be greater than zero".into()),
+        d => Ok(d),
+    }
+}
+
+/// One line of printable text: a newline or another control character
+/// would forge lines in `ls` and `watch` output.
+pub fn parse_one_line(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("is empty".into());
+    }
+    match s.chars().find(|c| c.is_control()) {
+        Some(c) => Err(format!(
+            "{s:?} contains the control character {:?}; give one line of text",
+            c
+        )),
+        None => Ok(s.to_string()),
+    }
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration ({e}); write it like 30s, 1m or 500ms"))

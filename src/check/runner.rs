@@ -184,7 +184,7 @@ impl CheckSet {
                                 check = %spec.name,
                                 from = %before,
                                 to = %e.tracker.status,
-                                output = %outcome.output.lines().next().unwrap_or(""),
+                                output = %printable(outcome.output.lines().next().unwrap_or("")),
                                 "check status changed"
                             );
                         }
@@ -212,5 +212,34 @@ impl CheckSet {
 impl Drop for CheckSet {
     fn drop(&mut self) {
         self.cancel.cancel();
+    }
+}
+
+/// A check's output line as it may go into a text log: control bytes
+/// (escape sequences, carriage returns) escaped, so a check cannot forge
+/// log lines or drive the reader's terminal.
+pub fn printable(line: &str) -> String {
+    line.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod printable_tests {
+    use super::printable;
+
+    #[test]
+    fn control_bytes_are_escaped_and_text_is_kept() {
+        assert_eq!(printable("ok: 3 of 3 ✓"), "ok: 3 of 3 ✓");
+        assert_eq!(
+            printable("\u{1b}[31mred\rINFO forged"),
+            "\\u{1b}[31mred\\rINFO forged"
+        );
     }
 }

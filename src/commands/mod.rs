@@ -317,7 +317,9 @@ async fn run_agent(config: Config, mode: Mode, control: Control) -> Result<(), F
     crate::agent::run(config, p.identity, p.etcd, control.cancel, reloads, mode)
         .await
         .map_err(|e| match e {
-            AgentError::Listen { .. } => Failure::new(exit::CONFIG, e),
+            // A busy port is a runtime condition (exit 1, so systemd
+            // restarts the agent), not a configuration that cannot work.
+            AgentError::Listen { .. } => Failure::new(exit::RUNTIME, e),
             _ if e.class() == Some(Class::Auth) => Failure::new(exit::DENIED, e),
             _ => Failure::new(exit::RUNTIME, e),
         })

@@ -56,7 +56,7 @@ pub struct RawConfig {
     /// Service name → port.
     pub services: Option<BTreeMap<String, u32>>,
     /// Operator-defined key → value.
-    pub meta: Option<BTreeMap<String, String>>,
+    pub meta: Option<BTreeMap<String, serde_yaml::Value>>,
     /// Per-request timeout.
     pub request_timeout: Option<RawDuration>,
     /// Connect timeout.

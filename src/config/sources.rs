@@ -96,9 +96,10 @@ pub(super) fn merge(
         file,
         list: Vec::new(),
     };
-    let (etcd, warnings) = connection(&mut p, flags, env, &raw, file);
+    let (etcd, mut warnings) = connection(&mut p, flags, env, &raw, file);
     let id = identity(&mut p, flags, &raw);
-    let reports = reporting(&mut p, flags, &raw);
+    let mut reports = reporting(&mut p, flags, &raw);
+    warnings.append(&mut reports.warnings);
     let config = Config {
         etcd,
         prefix: id.prefix,
@@ -365,6 +366,7 @@ struct Reports {
     checks: Vec<crate::check::Spec>,
     output_refresh: Duration,
     metrics_listen: Option<std::net::SocketAddr>,
+    warnings: Vec<String>,
 }
 
 fn reporting(p: &mut Problems, flags: &Common, raw: &RawConfig) -> Reports {
@@ -398,7 +400,8 @@ fn reporting(p: &mut Problems, flags: &Common, raw: &RawConfig) -> Reports {
         meta.insert(k, v);
     }
 
-    let checks = checks_field(p, raw.checks.as_deref().unwrap_or_default());
+    let mut warnings = Vec::new();
+    let checks = checks_field(p, raw.checks.as_deref().unwrap_or_default(), &mut warnings);
     let output_refresh = duration_field(
         p,
         "output_refresh",
@@ -435,5 +438,6 @@ fn reporting(p: &mut Problems, flags: &Common, raw: &RawConfig) -> Reports {
         checks,
         output_refresh,
         metrics_listen,
+        warnings,
     }
 }

@@ -156,6 +156,20 @@ pub(super) fn segment_field(
     Some(v)
 }
 
+/// Why an address can never be a host's published address, if it cannot.
+fn unpublishable(addr: &IpAddr) -> Option<&'static str> {
+    match addr {
+        IpAddr::V4(v4) if v4.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V6(v6) if v6.is_multicast() => Some("a multicast address"),
+        // fe80::/10 needs a zone (%eth0) that a registry value cannot carry.
+        IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => {
+            Some("a link-local address, usable only with a zone (%eth0) that consumers do not have")
+        }
+        _ => None,
+    }
+}
+
 pub(super) fn address_field(
     p: &mut Problems,
     flags: &Common,
@@ -190,11 +204,23 @@ pub(super) fn address_field(
     if let Some((s, origin)) = ip {
         return match s.parse::<IpAddr>() {
             Ok(addr) => {
-                if !allow_loopback && (addr.is_loopback() || addr.is_unspecified()) {
+                if let Some(why) = unpublishable(&addr) {
+                    p.push(
+                        &origin,
+                        "ip",
+                        format_args!("{addr} is {why}; consumers could not reach this host at it"),
+                    );
+                } else if !allow_loopback && (addr.is_loopback() || addr.is_unspecified()) {
                     p.push(
                         &origin,
                         "ip",
                         format_args!("{addr} is a loopback or unspecified address; consumers could not reach it (set allow_loopback: true for tests)"),
+                    );
+                } else if ipv6 && addr.is_ipv4() {
+                    p.push(
+                        &origin,
+                        "ip",
+                        format_args!("{addr} is an IPv4 address but ipv6 is set; give an IPv6 address or drop ipv6"),
                     );
                 }
                 AddressChoice::Explicit(addr)
@@ -247,9 +273,14 @@ pub(super) fn services_input(
 ) -> Vec<(String, u32, Origin)> {
     if !flags.services.is_empty() {
         let origin = Origin::Flag("service".into());
-        let mut out = Vec::new();
+        let mut out: Vec<(String, u32, Origin)> = Vec::new();
         for s in &flags.services {
             match s.split_once('=').map(|(n, port)| (n, port.parse::<u32>())) {
+                Some((n, Ok(_))) if out.iter().any(|(seen, ..)| seen == n) => p.push(
+                    &origin,
+                    "services",
+                    format_args!("service {n:?} is given twice; give each service once"),
+                ),
                 Some((n, Ok(port))) => out.push((n.to_string(), port, origin.clone())),
                 _ => p.push(
                     &origin,
@@ -278,31 +309,70 @@ pub(super) fn meta_input(
     flags: &Common,
     raw: &RawConfig,
 ) -> Vec<(String, String, Origin)> {
+    let mut out = Vec::new();
+    let mut keep = |p: &mut Problems, k: &str, v: String, origin: Origin| {
+        if let Some(c) = v.chars().find(|c| c.is_control()) {
+            p.push(
+                &origin,
+                "meta",
+                format_args!(
+                    "the value of {k:?} contains the control character {c:?}; give one line of text"
+                ),
+            );
+        } else {
+            out.push((k.to_string(), v, origin));
+        }
+    };
     if !flags.meta.is_empty() {
-        let origin = Origin::Flag("--meta".into());
-        let mut out = Vec::new();
+        let origin = Origin::Flag("meta".into());
         for s in &flags.meta {
             match s.split_once('=') {
-                Some((k, v)) => out.push((k.to_string(), v.to_string(), origin.clone())),
+                Some((k, v)) => keep(p, k, v.to_string(), origin.clone()),
                 None => p.push(&origin, "meta", format_args!("{s:?} is not KEY=VALUE")),
             }
         }
         return out;
     }
-    raw.meta
-        .iter()
-        .flatten()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.clone(),
-                Origin::File(vec!["meta".into(), k.clone()]),
-            )
-        })
-        .collect()
+    for (k, v) in raw.meta.iter().flatten() {
+        let origin = Origin::File(vec!["meta".into(), k.clone()]);
+        use serde_yaml::Value;
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Null => {
+                p.push(
+                    &origin,
+                    "meta",
+                    format_args!("{k:?} has no value (YAML reads ~ and null as nothing); quote it if you mean the text, e.g. \"~\""),
+                );
+                continue;
+            }
+            _ => {
+                p.push(
+                    &origin,
+                    "meta",
+                    format_args!("{k:?} must be a single value, not a list or a map"),
+                );
+                continue;
+            }
+        };
+        keep(p, k, text, origin);
+    }
+    out
 }
 
-pub(super) fn checks_field(p: &mut Problems, raw: &[RawCheck]) -> Vec<crate::check::Spec> {
+/// The shortest check interval accepted: more often is a fork storm.
+const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// The largest threshold accepted.
+const MAX_THRESHOLD: u32 = 1000;
+
+/// The checks, validated. Odd but usable settings are warned about.
+pub(super) fn checks_field(
+    p: &mut Problems,
+    raw: &[RawCheck],
+    warnings: &mut Vec<String>,
+) -> Vec<crate::check::Spec> {
     use crate::check::{Kind, Spec, Thresholds};
     let mut out = Vec::new();
     let mut names = std::collections::BTreeSet::new();
@@ -413,25 +483,77 @@ pub(super) fn checks_field(p: &mut Problems, raw: &[RawCheck]) -> Vec<crate::che
                 Duration::from_secs(60),
             )
         });
-        let mut threshold = |sub: &str, v: Option<u32>| match v {
+        if interval < MIN_CHECK_INTERVAL {
+            p.push(
+                &Origin::File(vec!["checks".into(), item.clone(), "interval".into()]),
+                &field,
+                format_args!(
+                    "interval: {} would run the check more than 10 times a second; use at least {}",
+                    humantime::format_duration(interval),
+                    humantime::format_duration(MIN_CHECK_INTERVAL)
+                ),
+            );
+        }
+        let threshold = |p: &mut Problems, sub: &str, v: Option<u32>, default: u32| match v {
             Some(0) => {
                 p.push(&origin, &field, format_args!("{sub} must be at least 1"));
                 1
             }
+            Some(n) if n > MAX_THRESHOLD => {
+                p.push(
+                    &origin,
+                    &field,
+                    format_args!("{sub} {n} is more than {MAX_THRESHOLD} runs in a row; the status would practically never change"),
+                );
+                1
+            }
             Some(n) => n,
-            None => 1,
+            None => default,
         };
+        let critical = threshold(p, "failures_before_critical", c.failures_before_critical, 1);
+        // As in Consul, whose names these are: warning defaults to the
+        // critical threshold, so `failures_before_critical: 3` alone rides
+        // out two failures instead of flapping to warning on the first.
+        let warning = threshold(
+            p,
+            "failures_before_warning",
+            c.failures_before_warning,
+            critical,
+        );
+        if warning > critical {
+            p.push(
+                &origin,
+                &field,
+                format_args!(
+                    "failures_before_warning {warning} is more than failures_before_critical {critical}; \
+                     a check turns warning on the way to critical, so warning must come first (or equal)"
+                ),
+            );
+        }
         let thresholds = Thresholds {
-            success_before_passing: threshold("success_before_passing", c.success_before_passing),
-            failures_before_warning: threshold(
-                "failures_before_warning",
-                c.failures_before_warning,
+            success_before_passing: threshold(
+                p,
+                "success_before_passing",
+                c.success_before_passing,
+                1,
             ),
-            failures_before_critical: threshold(
-                "failures_before_critical",
-                c.failures_before_critical,
-            ),
+            failures_before_warning: warning,
+            failures_before_critical: critical,
         };
+        if timeout > interval {
+            warnings.push(format!(
+                "check {label}: timeout {} is longer than interval {}; a slow run delays the next one",
+                humantime::format_duration(timeout),
+                humantime::format_duration(interval)
+            ));
+        }
+        let slowest = interval.saturating_mul(thresholds.success_before_passing.max(critical));
+        if slowest > Duration::from_secs(3600) {
+            warnings.push(format!(
+                "check {label}: its thresholds take {} of runs to change its status",
+                humantime::format_duration(slowest)
+            ));
+        }
         if let Some(kind) = kind
             && p.list.len() == before
         {

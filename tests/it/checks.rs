@@ -699,3 +699,80 @@ async fn re_registration_after_lease_loss_carries_the_current_check_state() {
         .collect();
     assert_eq!(healths, ["passing"], "health went through another value");
 }
+
+/// The README's example thresholds as written (`failures_before_critical:
+/// 3`, `success_before_passing: 2`, no `failures_before_warning`): one or
+/// two failures are ridden out with no write at all; a third makes the
+/// check critical. Check output with control bytes reaches the log escaped.
+#[tokio::test]
+async fn the_readme_thresholds_ride_out_two_failures_and_output_is_logged_escaped() {
+    let cluster = Cluster::start(1).await;
+    let host = Host::new(&cluster);
+    std::fs::write(host.path("status"), "0").unwrap();
+    host.write_config(&format!(
+        "dc: dc1\nroles: [web]\nttl: 10s\nchecks:\n  - name: http\n    exec: [sh, -c, 's=$(cat {status}); echo $s >> {runs}; printf \"\\033[31mred\\rINFO forged $s\\n\"; exit $s']\n    interval: 150ms\n    failures_before_critical: 3\n    success_before_passing: 2\n",
+        status = host.p("status"),
+        runs = host.p("runs"),
+    ));
+    let watcher = Watcher::start(cluster.endpoints(), DIR).await;
+    let agent = host.agent();
+    let c = cluster.client().await;
+    eventually(Duration::from_secs(10), "registration", || {
+        let mut c = c.clone();
+        async move { registered(&mut c, DIR).await }
+    })
+    .await;
+    let health_puts = || {
+        watcher
+            .events()
+            .into_iter()
+            .filter(|e| e.put && e.key.ends_with("/health"))
+            .map(|e| e.value)
+            .collect::<Vec<_>>()
+    };
+    // success_before_passing: 2 — passing after the second success, as
+    // the watcher sees it.
+    let registered_puts = eventually(Duration::from_secs(10), "health passing", || {
+        let puts = health_puts();
+        async move {
+            if puts.last().map(String::as_str) == Some("passing") {
+                Ok(puts)
+            } else {
+                Err(format!("{puts:?}"))
+            }
+        }
+    })
+    .await;
+    // Two failures in a row, then passing again: ridden out.
+    for (status, runs) in [(0, 2), (2, 2), (0, 3)] {
+        std::fs::write(host.path("status"), status.to_string()).unwrap();
+        let before = host.runs("runs").len();
+        host.wait_runs("runs", before + runs).await;
+    }
+    assert_eq!(
+        health_puts(),
+        registered_puts,
+        "two failures changed the health"
+    );
+    // Three failures: critical.
+    std::fs::write(host.path("status"), "2").unwrap();
+    eventually(Duration::from_secs(10), "health critical", || {
+        let mut c = c.clone();
+        async move {
+            match value(&mut c, &format!("{DIR}health")).await {
+                Some((h, _)) if h == "critical" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    let log = agent.log();
+    assert!(
+        !log.contains('\u{1b}') && !log.contains("\rINFO forged"),
+        "raw control bytes in the log"
+    );
+    assert!(
+        log.contains("\\u{1b}[31mred\\rINFO forged 2"),
+        "the output is not in the log, escaped:\n{log}"
+    );
+}

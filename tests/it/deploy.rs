@@ -732,3 +732,29 @@ fn install_deps_decides_by_files_not_commands() {
     let (code, _) = install_deps_dry_run(&[], &["biuld"]);
     assert_eq!(code, 2);
 }
+
+/// A metrics port already in use is a runtime condition: exit 1, which
+/// systemd restarts, not 78, which the unit's RestartPreventExitStatus
+/// would leave stopped for good.
+#[tokio::test]
+async fn a_busy_metrics_port_exits_1_not_78() {
+    let cluster = Cluster::start(1).await;
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let mut args = vec!["agent".to_string()];
+    args.extend(host_args(
+        &cluster.endpoint_list(),
+        "dc1",
+        "web",
+        "h1",
+        "m1",
+        "6s",
+    ));
+    args.extend(["--metrics-listen".into(), addr.clone()]);
+    let r = run(&args).await;
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains(&addr), "{}", r.stderr);
+    let mut c = cluster.client().await;
+    let (kvs, _) = read_prefix(&mut c, DIR).await;
+    assert!(kvs.is_empty(), "registered although it could not start");
+}

@@ -522,6 +522,27 @@ async fn bad_config_and_flags_exit_78_or_2_naming_the_field_and_write_nothing() 
             "user: root\npassword_file: /nonexistent/pw\n",
             "password_file: cannot read /nonexistent/pw",
         ),
+        // Check timing that cannot be meant.
+        (
+            "checks:\n  - {name: a, exec: ['true'], interval: 1ms}\n",
+            "would run the check more than 10 times a second",
+        ),
+        (
+            "checks:\n  - {name: a, exec: ['true'], failures_before_warning: 3, failures_before_critical: 2}\n",
+            "failures_before_warning 3 is more than failures_before_critical 2",
+        ),
+        (
+            "checks:\n  - {name: a, exec: ['true'], success_before_passing: 1000000}\n",
+            "success_before_passing 1000000 is more than 1000 runs in a row",
+        ),
+        // Meta that would be published wrong.
+        ("meta:\n  rack: ~\n", "\"rack\" has no value"),
+        ("meta:\n  rack: null\n", "\"rack\" has no value"),
+        (
+            "meta:\n  rack: \"r1\\nINFO forged\"\n",
+            "the value of \"rack\" contains the control character '\\n'",
+        ),
+        ("meta:\n  rack: [a, b]\n", "must be a single value"),
     ];
     for (i, (yaml, needle)) in yaml_cases.into_iter().enumerate() {
         let text = if yaml.contains("dc:") || yaml.starts_with('-') || yaml.starts_with('\t') {
@@ -533,6 +554,61 @@ async fn bad_config_and_flags_exit_78_or_2_naming_the_field_and_write_nothing() 
         cases.push((base(&["--config", &path]), 78, needle));
     }
     // More flags.
+    let web = |extra: &[&str]| base(&[&["--dc", "dc1", "--role", "web"], extra].concat());
+    cases.extend([
+        (
+            no_ip(&["--dc", "dc1", "--role", "web", "--ip", "224.0.0.1"]),
+            78,
+            "224.0.0.1 is a multicast address",
+        ),
+        (
+            no_ip(&["--dc", "dc1", "--role", "web", "--ip", "255.255.255.255"]),
+            78,
+            "255.255.255.255 is the broadcast address",
+        ),
+        (
+            no_ip(&["--dc", "dc1", "--role", "web", "--ip", "fe80::1"]),
+            78,
+            "fe80::1 is a link-local address",
+        ),
+        (
+            no_ip(&["--dc", "dc1", "--role", "web", "--ip", "10.0.0.1", "--ipv6"]),
+            78,
+            "10.0.0.1 is an IPv4 address but ipv6 is set",
+        ),
+        (
+            web(&["--service", "http=80", "--service", "http=81"]),
+            78,
+            "service \"http\" is given twice",
+        ),
+        (
+            web(&["--meta", "rack=r1\nINFO forged"]),
+            78,
+            "the value of \"rack\" contains the control character",
+        ),
+        (
+            vec![
+                "maintenance".into(),
+                "on".into(),
+                "--reason".into(),
+                "x".into(),
+                "--for".into(),
+                "8000y".into(),
+            ],
+            2,
+            "is more than a year",
+        ),
+        (
+            vec![
+                "maintenance".into(),
+                "on".into(),
+                "--reason".into(),
+                "kernel\nupgrade".into(),
+            ],
+            2,
+            "contains the control character",
+        ),
+    ]);
     cases.extend([
         (
             base(&["--dc", "dc1", "--role", "web", "--request-timeout", "0s"]),
