@@ -186,7 +186,7 @@ pub struct RegisterArgs {
     #[command(flatten)]
     pub one_shot: OneShotArgs,
     /// Stay in the foreground and keep the lease alive (an agent without checks).
-    #[arg(long, env = "REGISTRAR_KEEP_ALIVE")]
+    #[arg(long, env = "REGISTRAR_KEEP_ALIVE", action = clap::ArgAction::SetTrue, value_parser = env_bool_keep_alive)]
     pub keep_alive: bool,
 }
 
@@ -263,11 +263,11 @@ pub struct Common {
     pub cidr: Option<String>,
 
     /// Detect an IPv6 address instead of IPv4 (for --interface and the default route).
-    #[arg(long, env = "REGISTRAR_IPV6")]
+    #[arg(long, env = "REGISTRAR_IPV6", action = clap::ArgAction::SetTrue, value_parser = env_bool_ipv6)]
     pub ipv6: bool,
 
     /// Accept a loopback or unspecified address (tests and demos only).
-    #[arg(long, env = "REGISTRAR_ALLOW_LOOPBACK")]
+    #[arg(long, env = "REGISTRAR_ALLOW_LOOPBACK", action = clap::ArgAction::SetTrue, value_parser = env_bool_allow_loopback)]
     pub allow_loopback: bool,
 
     /// Lease TTL, e.g. 30s [default: 30s]. etcd may raise it to its minimum.
@@ -359,6 +359,30 @@ pub fn parse_one_line(s: &str) -> Result<String, String> {
         )),
         None => Ok(s.to_string()),
     }
+}
+
+/// A yes/no value from the environment, spelled as people spell it: 1/0,
+/// true/false, yes/no, on/off (any case). The message names the variable.
+fn env_bool(var: &str, s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" | "y" => Ok(true),
+        "0" | "false" | "no" | "off" | "n" | "" => Ok(false),
+        _ => Err(format!(
+            "{var}={s:?} is not a yes/no value; use 1 or 0, true or false, yes or no"
+        )),
+    }
+}
+
+fn env_bool_keep_alive(s: &str) -> Result<bool, String> {
+    env_bool("REGISTRAR_KEEP_ALIVE", s)
+}
+
+fn env_bool_ipv6(s: &str) -> Result<bool, String> {
+    env_bool("REGISTRAR_IPV6", s)
+}
+
+fn env_bool_allow_loopback(s: &str) -> Result<bool, String> {
+    env_bool("REGISTRAR_ALLOW_LOOPBACK", s)
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -40,7 +40,14 @@ pub(super) struct Problems<'a> {
 
 impl Problems<'_> {
     pub(super) fn push(&mut self, origin: &Origin, field: &str, msg: impl fmt::Display) {
-        let at = match origin {
+        let at = self.describe(origin, field);
+        self.list.push(format!("{at}: {msg}"));
+    }
+
+    /// Where a value came from, as messages say it: a flag and its
+    /// variable, an environment variable, file:line:col, or the default.
+    pub(super) fn describe(&self, origin: &Origin, field: &str) -> String {
+        match origin {
             Origin::Flag(long) => flag_label(long),
             Origin::Env(name) => name.clone(),
             Origin::File(path) => match self.file {
@@ -59,8 +66,7 @@ impl Problems<'_> {
                 None => field.to_string(),
             },
             Origin::Default => format!("{field} (default)"),
-        };
-        self.list.push(format!("{at}: {msg}"));
+        }
     }
 }
 
@@ -154,6 +160,7 @@ fn connection(
         (raw.endpoints.clone(), file_origin("endpoints")),
     ])
     .unwrap_or((vec![DEFAULT_ENDPOINT.to_string()], Origin::Default));
+    let endpoints_origin = endpoints.1.clone();
     let endpoints = validate_endpoints(p, endpoints);
 
     let path_opt = |flag: &Option<PathBuf>, name: &str, var: &str, raw: &Option<PathBuf>| {
@@ -186,6 +193,20 @@ fn connection(
             origin,
             "cert",
             "a client certificate needs both cert and key",
+        );
+    }
+    // TLS files with a plain http:// endpoint cannot work (etcd-client
+    // refuses them at run time); an exported ETCDCTL_CACERT makes it easy.
+    if let Some((_, origin)) = cacert.as_ref().or(cert.as_ref())
+        && let Some(plain) = endpoints.iter().find(|e| e.starts_with("http://"))
+    {
+        p.push(
+            origin,
+            "cacert",
+            format_args!(
+                "TLS files are set, but endpoint {plain} (from {}) is plain http; use https:// endpoints, or unset the TLS files",
+                p.describe(&endpoints_origin, "endpoints")
+            ),
         );
     }
     let tls = (cacert.is_some() || cert.is_some()).then(|| TlsFiles {

@@ -557,6 +557,11 @@ async fn bad_config_and_flags_exit_78_or_2_naming_the_field_and_write_nothing() 
     let web = |extra: &[&str]| base(&[&["--dc", "dc1", "--role", "web"], extra].concat());
     cases.extend([
         (
+            web(&["--cacert", &unknown]),
+            78,
+            "TLS files are set, but endpoint http://",
+        ),
+        (
             no_ip(&["--dc", "dc1", "--role", "web", "--ip", "224.0.0.1"]),
             78,
             "224.0.0.1 is a multicast address",
@@ -908,6 +913,80 @@ async fn a_ttl_below_etcds_minimum_is_raised_and_the_granted_ttl_used() {
     assert!(
         r.stderr.contains("ttl=2s"),
         "the granted TTL is not the one reported: {}",
+        r.stderr
+    );
+}
+
+/// An exported ETCDCTL_CACERT with a plain http:// endpoint is a
+/// configuration error that check-config reports, naming where each came
+/// from (it used to pass check-config and exit 1 at run time).
+#[tokio::test]
+async fn tls_files_with_a_plain_http_endpoint_are_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "not checked here").unwrap();
+    let r = crate::support::proc::run_with(
+        crate::support::proc::registrar()
+            .args([
+                "check-config",
+                "--endpoints",
+                "http://127.0.0.1:2379",
+                "--dc",
+                "dc1",
+                "--role",
+                "web",
+            ])
+            .env("ETCDCTL_CACERT", &ca),
+    )
+    .await;
+    assert_eq!(r.code, 78, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("ETCDCTL_CACERT: TLS files are set, but endpoint http://127.0.0.1:2379 (from --endpoints (or REGISTRAR_ENDPOINTS)) is plain http"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// REGISTRAR_IPV6, REGISTRAR_ALLOW_LOOPBACK and REGISTRAR_KEEP_ALIVE take
+/// 1/0, true/false, yes/no; a bad value names the variable.
+#[tokio::test]
+async fn environment_booleans_take_the_usual_spellings() {
+    let cluster = Cluster::start(1).await;
+    let eps = cluster.endpoint_list();
+    let register = |value: &str| {
+        let mut c = crate::support::proc::registrar();
+        c.args([
+            "register",
+            "--endpoints",
+            &eps,
+            "--dc",
+            "dc1",
+            "--role",
+            "web",
+            "--host",
+            "h1",
+            "--machine-id",
+            "m1",
+            "--ip",
+            "127.0.0.1",
+        ])
+        .env("REGISTRAR_ALLOW_LOOPBACK", value);
+        c
+    };
+    for yes in ["1", "yes", "TRUE", "on"] {
+        let r = crate::support::proc::run_with(&mut register(yes)).await;
+        assert_eq!(r.code, 0, "REGISTRAR_ALLOW_LOOPBACK={yes}: {}", r.stderr);
+    }
+    for no in ["0", "no", "false"] {
+        let r = crate::support::proc::run_with(&mut register(no)).await;
+        assert_eq!(r.code, 78, "REGISTRAR_ALLOW_LOOPBACK={no}: {}", r.stderr);
+    }
+    let r = crate::support::proc::run_with(&mut register("maybe")).await;
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("REGISTRAR_ALLOW_LOOPBACK=\"maybe\" is not a yes/no value"),
+        "{}",
         r.stderr
     );
 }
