@@ -3,8 +3,11 @@
 //! The program runs in its own process group, without a shell unless asked,
 //! without `NOTIFY_SOCKET` (a check must never talk to systemd for us), and
 //! with its output drained but only the first 4 KiB kept, so a flooding
-//! check can neither block on a full pipe nor grow our memory. On timeout
-//! the whole group is killed, children included.
+//! check can neither block on a full pipe nor grow our memory. When a run
+//! ends, normally or by timeout, nothing of it is left: whatever remains of
+//! its process group (a child it left behind, one that ignores SIGTERM) gets
+//! SIGTERM, a short grace, then SIGKILL. Left alone, a check that leaves a
+//! child per run would leave hundreds of orphans an hour.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -19,6 +22,29 @@ use super::{MAX_OUTPUT, Outcome, Status};
 /// How long to keep reading output after the program exited, in case a
 /// child it left behind still holds the pipe.
 const DRAIN_GRACE: Duration = Duration::from_millis(100);
+
+/// How long what is left of a run's process group gets between SIGTERM
+/// and SIGKILL.
+const TERM_GRACE: Duration = Duration::from_millis(500);
+
+/// Ends whatever is left of a run's process group: SIGTERM, up to
+/// [`TERM_GRACE`] for it to go, then SIGKILL. The group leader is already
+/// reaped, but the group id stays taken while any member lives, so it
+/// cannot name another group meanwhile.
+async fn end_group(pgid: Pid) {
+    if killpg(pgid, Signal::SIGTERM).is_err() {
+        // ESRCH: nothing is left.
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + TERM_GRACE;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if killpg(pgid, None).is_err() {
+            return;
+        }
+    }
+    let _ = killpg(pgid, Signal::SIGKILL);
+}
 
 pub async fn run(argv: &[String], timeout: Duration) -> Outcome {
     let Some((program, args)) = argv.split_first() else {
@@ -68,6 +94,16 @@ pub async fn run(argv: &[String], timeout: Duration) -> Outcome {
         status
     };
     let result = tokio::time::timeout(timeout, work).await;
+    if result.is_err()
+        && let Some(pgid) = group
+    {
+        // Timed out: the program itself too, at once.
+        let _ = killpg(pgid, Signal::SIGKILL);
+        let _ = child.kill().await;
+    }
+    if let Some(pgid) = group {
+        end_group(pgid).await;
+    }
     let mut text = String::from_utf8_lossy(&out).into_owned();
     text.push_str(&String::from_utf8_lossy(&err));
     match result {
@@ -87,10 +123,6 @@ pub async fn run(argv: &[String], timeout: Duration) -> Outcome {
             format!("cannot wait for {program:?}: {e}"),
         ),
         Err(_) => {
-            if let Some(pgid) = group {
-                let _ = killpg(pgid, Signal::SIGKILL);
-            }
-            let _ = child.kill().await;
             text.push_str(&format!(
                 "\n(timed out after {})",
                 humantime::format_duration(timeout)

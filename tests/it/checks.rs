@@ -776,3 +776,57 @@ async fn the_readme_thresholds_ride_out_two_failures_and_output_is_logged_escape
         "the output is not in the log, escaped:\n{log}"
     );
 }
+
+/// Whether a process is running (not gone, not a zombie).
+fn running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => stat.split_whitespace().nth(2) != Some("Z"),
+    }
+}
+
+/// A check that exits at once but leaves a child ignoring SIGTERM: when
+/// the run ends, the child is ended too (SIGTERM, a grace, SIGKILL), so
+/// runs do not pile up orphans.
+#[tokio::test]
+async fn a_check_that_leaves_a_stubborn_child_leaves_no_orphan() {
+    let cluster = Cluster::start(1).await;
+    let host = Host::new(&cluster);
+    host.write_config(&format!(
+        "dc: dc1\nroles: [web]\nchecks:\n  - name: leaky\n    shell: '(trap \"\" TERM; sleep 300) & echo $! >> {pids}; echo ok'\n    interval: 200ms\n",
+        pids = host.p("pids"),
+    ));
+    let _agent = host.agent();
+    let c = cluster.client().await;
+    eventually(Duration::from_secs(10), "registration", || {
+        let mut c = c.clone();
+        async move { registered(&mut c, DIR).await }
+    })
+    .await;
+    host.wait_runs("pids", 5).await;
+    eventually(Duration::from_secs(5), "no child left running", || {
+        let alive: Vec<i32> = host
+            .runs("pids")
+            .iter()
+            .filter_map(|l| l.trim().parse().ok())
+            .take(4)
+            .filter(|pid| running(*pid))
+            .collect();
+        async move {
+            if alive.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("still running: {alive:?}"))
+            }
+        }
+    })
+    .await;
+    // The run in flight when the agent is killed leaves its child: end it.
+    for pid in host
+        .runs("pids")
+        .iter()
+        .filter_map(|l| l.trim().parse().ok())
+    {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
