@@ -64,10 +64,23 @@ pub enum Class {
     Retry,
     /// The lease no longer exists: grant a new one and re-register.
     LeaseGone,
-    /// Authentication or permission denied: retrying will not help (exit 77).
+    /// Authentication or permission denied by etcd: retrying will not help
+    /// (exit 77).
     Auth,
+    /// TLS could not be set up with this endpoint (a handshake failure, an
+    /// untrusted certificate, an endpoint that does not speak TLS). Another
+    /// endpoint may work, so calls fail over as for `Retry`; when it is
+    /// what finally failed, a one-shot command exits 77 with a TLS hint.
+    Tls,
     /// A bug or a bad request: retrying will not help (exit 1).
     Fatal,
+}
+
+impl Class {
+    /// Whether another endpoint, or a later try, may succeed.
+    pub fn fails_over(self) -> bool {
+        matches!(self, Class::Retry | Class::Tls)
+    }
 }
 
 /// An etcd failure, with the endpoint it happened on.
@@ -75,7 +88,8 @@ pub enum Class {
 pub enum EtcdError {
     // The cause is part of the message (logs print only Display), so it is
     // deliberately not also exposed as `source()`, which would repeat it.
-    #[error("{endpoint}: {what}: {cause}")]
+    // Display says it briefly; `detail()` has the whole chain.
+    #[error("{endpoint}: {what}: {}", brief(cause))]
     Call {
         endpoint: String,
         what: &'static str,
@@ -92,7 +106,47 @@ pub enum EtcdError {
     Tls(String),
 }
 
+/// What went wrong, without the transport's debug chain: etcd's message,
+/// or the innermost cause ("Connection refused (os error 111)").
+pub fn brief(e: &etcd_client::Error) -> String {
+    use etcd_client::Error as E;
+    let innermost = |e: &(dyn std::error::Error + 'static)| {
+        let mut cur = e;
+        while let Some(next) = cur.source() {
+            cur = next;
+        }
+        cur.to_string()
+    };
+    match e {
+        E::GRpcStatus(status) => {
+            let msg = status
+                .message()
+                .trim_start_matches("etcdserver: ")
+                .to_string();
+            let root = std::error::Error::source(status).map(innermost);
+            match root {
+                Some(root) if !msg.is_empty() && !root.contains(&msg) && !msg.contains(&root) => {
+                    format!("{msg}: {root}")
+                }
+                Some(root) if msg.is_empty() => root,
+                _ if !msg.is_empty() => msg,
+                _ => e.to_string(),
+            }
+        }
+        E::TransportError(t) => innermost(t),
+        other => other.to_string(),
+    }
+}
+
 impl EtcdError {
+    /// The full error chain, for debug logs.
+    pub fn detail(&self) -> String {
+        match self {
+            EtcdError::Call { cause, .. } => format!("{self} ({cause:?})"),
+            other => other.to_string(),
+        }
+    }
+
     pub fn class(&self) -> Class {
         match self {
             EtcdError::Call { class, .. } => *class,
@@ -130,12 +184,12 @@ pub fn classify(e: &etcd_client::Error) -> Class {
                 | Code::AlreadyExists => Class::Fatal,
                 // Unavailable (no leader, leader changed, connection refused),
                 // DeadlineExceeded, Unknown, Internal, Aborted, Cancelled, ...
-                _ if is_tls_failure(&chain_text(status)) => Class::Auth,
+                _ if is_tls_failure(&chain_text(status)) => Class::Tls,
                 _ => Class::Retry,
             }
         }
         E::LeaseKeepAliveError(msg) if msg.contains("lease not found") => Class::LeaseGone,
-        E::TransportError(t) if is_tls_failure(&chain_text(t)) => Class::Auth,
+        E::TransportError(t) if is_tls_failure(&chain_text(t)) => Class::Tls,
         E::InvalidArgs(_) | E::InvalidUri(_) | E::InvalidMetadataValue(_) | E::Utf8Error(_) => {
             Class::Fatal
         }
@@ -320,7 +374,7 @@ impl Etcd {
             let endpoint = self.endpoint(idx).to_string();
             let client = match self.client_at(idx).await {
                 Ok(c) => c,
-                Err(e) if e.class() == Class::Retry => {
+                Err(e) if e.class().fails_over() => {
                     tracing::debug!(%endpoint, error = %e, "etcd endpoint unusable, trying the next");
                     last = Some(e);
                     continue;
@@ -332,9 +386,9 @@ impl Etcd {
                     self.set_preferred(idx);
                     return Ok(v);
                 }
-                Err(e) if e.class() != Class::Retry => return Err(e),
+                Err(e) if !e.class().fails_over() => return Err(e),
                 Err(e) => {
-                    tracing::debug!(error = %e, "etcd call failed, trying the next endpoint");
+                    tracing::debug!(error = %e.detail(), "etcd call failed, trying the next endpoint");
                     self.forget(idx);
                     last = Some(e);
                 }
@@ -419,7 +473,7 @@ pub trait Transient: std::fmt::Display {
 
 impl Transient for EtcdError {
     fn is_transient(&self) -> bool {
-        self.class() == Class::Retry
+        self.class().fails_over()
     }
 }
 

@@ -152,6 +152,7 @@ impl Metrics {
         let kind = match class {
             Class::Retry => "retry",
             Class::Auth => "auth",
+            Class::Tls => "tls",
             Class::Fatal => "fatal",
             Class::LeaseGone => "lease_gone",
         };
@@ -333,6 +334,7 @@ impl crate::lease::Observer for Telemetry {
         let text = match class {
             Class::Retry => format!("etcd unreachable, retrying: {error}"),
             Class::Auth => format!("etcd denied access: {error}"),
+            Class::Tls => format!("cannot set up TLS with etcd, retrying: {error}"),
             _ => format!("registration failed, retrying: {error}"),
         };
         self.status(&text);

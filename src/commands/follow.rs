@@ -12,7 +12,7 @@ use std::time::Duration;
 use etcd_client::{EventType, GetOptions, WatchOptions, WatchStream};
 
 use crate::backoff::{Outage, Policy};
-use crate::etcd::{Class, Etcd, EtcdError, Rotation, bounded};
+use crate::etcd::{Etcd, EtcdError, Rotation, bounded};
 use crate::registry::{HostId, HostView, Malformed, Registry};
 
 /// The changes of one revision: each touched host with its state before
@@ -113,7 +113,7 @@ impl<'a> Follower<'a> {
                         }
                         s
                     }
-                    Err(e) if e.class() == Class::Retry => {
+                    Err(e) if e.class().fails_over() => {
                         self.outage.failed(&e);
                         self.rotation.failed(self.etcd);
                         tokio::time::sleep(self.rotation.next_delay()).await;

@@ -75,7 +75,7 @@ impl From<IdentityError> for Failure {
 /// Maps an etcd failure of a one-shot command to its exit code, naming the
 /// endpoints when etcd could not be reached.
 fn etcd_failure(e: EtcdError, etcd: &Etcd) -> Failure {
-    if e.class() == Class::Retry && etcd.looks_like_missing_client_cert(&e) {
+    if e.class().fails_over() && etcd.looks_like_missing_client_cert(&e) {
         return Failure::new(
             exit::DENIED,
             anyhow::anyhow!(
@@ -96,6 +96,27 @@ fn etcd_failure(e: EtcdError, etcd: &Etcd) -> Failure {
             exit::DENIED,
             anyhow::anyhow!("etcd denied access: {e}; check --user, --cacert, --cert and --key"),
         ),
+        Class::Tls => {
+            let text = e.to_string();
+            let plain = text.starts_with("https://")
+                && [
+                    "handshake eof",
+                    "InvalidContentType",
+                    "corrupt message",
+                    "wrong version",
+                ]
+                .iter()
+                .any(|w| text.contains(w));
+            let hint = if plain {
+                "the endpoint does not speak TLS: if that etcd serves plain http, give it as http://"
+            } else {
+                "check --cacert (the CA that signed etcd's certificate), --cert and --key"
+            };
+            Failure::new(
+                exit::DENIED,
+                anyhow::anyhow!("cannot set up TLS with etcd: {e}; {hint}"),
+            )
+        }
         Class::LeaseGone | Class::Fatal => Failure::new(exit::RUNTIME, e),
     }
 }

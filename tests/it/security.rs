@@ -330,3 +330,49 @@ async fn readable_secrets_are_warned_about_and_never_printed() {
         r.stderr
     );
 }
+
+/// A TLS failure is per endpoint: with one endpoint given as https:// to a
+/// plain-http etcd and the other right, every register succeeds through the
+/// other. Given alone, it exits 77 saying the endpoint does not speak TLS,
+/// without the transport's debug chain.
+#[tokio::test]
+async fn a_tls_failure_on_one_endpoint_fails_over_and_alone_says_what_to_do() {
+    let cluster = Cluster::start(1).await;
+    let port = cluster.members[0].client_port;
+    let mixed = format!("https://127.0.0.1:{port},http://127.0.0.1:{port}");
+    for i in 0..8 {
+        let r = run(&cmd(
+            "register",
+            host_args(
+                &mixed,
+                "dc1",
+                "web",
+                &format!("h{i}"),
+                &format!("m{i}"),
+                "30s",
+            ),
+        ))
+        .await;
+        assert_eq!(r.code, 0, "run {i}: {}", r.stderr);
+    }
+    let mut args = cmd(
+        "register",
+        host_args(
+            &format!("https://127.0.0.1:{port}"),
+            "dc1",
+            "web",
+            "x",
+            "mx",
+            "30s",
+        ),
+    );
+    args.extend(["--timeout".into(), "2s".into()]);
+    let r = run(&args).await;
+    assert_eq!(r.code, 77, "{}", r.stderr);
+    let last = r.stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("does not speak TLS"), "{last}");
+    assert!(
+        !last.contains("tonic::"),
+        "a debug chain in the error: {last}"
+    );
+}
