@@ -22,6 +22,7 @@
 
 pub mod composer;
 pub mod own_keys;
+pub mod presence;
 pub mod reload;
 pub mod writer;
 
@@ -93,6 +94,7 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let etcd = Arc::new(etcd);
     let tasks = TaskTracker::new();
+    let _presence = presence::announce(&config.state_dir);
     let metrics = Metrics::new();
     let ttl = config.ttl;
     let observer: Arc<dyn Observer> = Arc::new(Telemetry::new(metrics.clone()));

@@ -27,6 +27,14 @@ pub async fn run(
             return Err(Failure::new(exit::RUNTIME, anyhow::anyhow!("interrupted before deregistration finished")));
         }
     };
+    if crate::agent::presence::agent_running(&config.state_dir) == Some(true) {
+        tracing::warn!(
+            host = desired.host(),
+            "an agent runs on this machine (state dir {}); it will register the host again within a moment. \
+             Stop it instead (systemctl stop registrar) to keep the host out of the registry",
+            config.state_dir.display()
+        );
+    }
     match outcome {
         Deregistered::Removed => tracing::info!(host = desired.host(), "deregistered"),
         Deregistered::NothingRegistered => {

@@ -387,3 +387,80 @@ async fn a_grant_retried_with_its_id_uses_the_lease_it_already_granted() {
         .unwrap();
     assert_ne!(other.id, id);
 }
+
+/// `deregister` next to a running agent says that the agent will put the
+/// host back (and it does); `maintenance on` says whether an agent will
+/// apply it.
+#[tokio::test]
+async fn deregister_and_maintenance_say_what_the_running_agent_will_do() {
+    let cluster = Cluster::start(1).await;
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_string_lossy().into_owned();
+    let idle = tempfile::tempdir().unwrap();
+
+    // No agent on that state dir: said.
+    let r = crate::support::proc::run(&[
+        "maintenance",
+        "on",
+        "--reason",
+        "kernel upgrade",
+        "--state-dir",
+        &idle.path().to_string_lossy(),
+    ])
+    .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no agent runs with state dir"),
+        "{}",
+        r.stderr
+    );
+
+    let mut args = cmd(
+        "agent",
+        host_args(&cluster.endpoint_list(), "dc1", "web", "h1", "m1", "6s"),
+    );
+    args.extend(["--state-dir".into(), state_dir.clone()]);
+    let _agent = Agent::spawn("agent", &args);
+    let c = cluster.client().await;
+    let lease = wait_registered(&c, Duration::from_secs(10)).await;
+
+    let mut dereg = cmd(
+        "deregister",
+        host_args(&cluster.endpoint_list(), "dc1", "web", "h1", "m1", "6s"),
+    );
+    dereg.extend(["--state-dir".into(), state_dir.clone()]);
+    let r = crate::support::proc::run(&dereg).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("it will register the host again"),
+        "{}",
+        r.stderr
+    );
+    // And so it does, on a new lease.
+    eventually(Duration::from_secs(10), "re-registration", || {
+        let mut c = c.clone();
+        async move {
+            match registered(&mut c, DIR).await {
+                Ok(l) if l != lease => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+
+    let r = crate::support::proc::run(&[
+        "maintenance",
+        "on",
+        "--reason",
+        "drain",
+        "--state-dir",
+        &state_dir,
+    ])
+    .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("the running agent applies it"),
+        "{}",
+        r.stdout
+    );
+}
