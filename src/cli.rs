@@ -63,6 +63,13 @@ pub enum Command {
     /// Exits 0 printing them once there are enough, 1 at --timeout
     /// printing how many were found.
     Wait(WaitArgs),
+    /// Keep config files (haproxy's, ...) rendered from the registry.
+    ///
+    /// One watch of the registry; each template in the config file's
+    /// `templates:` list is rendered at one revision, checked, written
+    /// atomically and reloaded (see README "Rendering configs"). SIGHUP
+    /// re-reads the config and the templates.
+    Render(RenderArgs),
     /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
     ///
     /// e.g. `registrar completions bash > /etc/bash_completion.d/registrar`
@@ -119,6 +126,23 @@ pub struct WatchArgs {
     /// text (default) or json (one object per line).
     #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
     pub output: WatchFormat,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RenderArgs {
+    /// Render, check, write and reload every template once, then exit: 0,
+    /// 69 (etcd unreachable), 78 (config or template error) or 1 (a check,
+    /// a reload or min_hosts failed).
+    #[arg(long)]
+    pub once: bool,
+    /// Print the rendered output to stdout; write and run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --once or --dry-run: give up reaching etcd after this long (exit 69).
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: Duration,
     #[command(flatten)]
     pub common: Common,
 }
@@ -408,8 +432,8 @@ const AGENT_ONLY: &[&str] = &[
     "metrics_listen",
 ];
 
-/// The consumer commands.
-const CONSUMERS: &[&str] = &["ls", "watch", "wait"];
+/// The commands that read the registry.
+const CONSUMERS: &[&str] = &["ls", "watch", "wait", "render"];
 
 /// The command line as clap parses it and `--help`, the man page and the
 /// completions show it: the consumers do not list the agent-only flags.

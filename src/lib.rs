@@ -16,7 +16,10 @@
 //! - [`lease`]: the lease session task: grant, keep-alive, loss, re-grant,
 //!   revoke; lease ids and time-to-live.
 //! - [`maintenance`]: the maintenance state file and its poller.
-//! - [`registry`]: the read model of the registry for ls, watch and wait.
+//! - [`registry`]: the read model of the registry, and [`registry::follow`],
+//!   the one watch that keeps it current, for ls, watch, wait and render.
+//! - [`render`]: `registrar render`: templates over the registry, checked,
+//!   written atomically, reloaded.
 //! - [`telemetry`]: systemd notifications and Prometheus metrics, fed by the agent.
 //! - [`agent`]: the long-running agent and its start and shutdown order:
 //!   [`agent::composer`] (what the host reports), [`agent::reload`] (SIGHUP),
@@ -41,4 +44,5 @@ pub mod maintenance;
 pub mod process;
 pub mod registration;
 pub mod registry;
+pub mod render;
 pub mod telemetry;

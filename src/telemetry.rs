@@ -215,6 +215,14 @@ fn send(states: &[NotifyState<'_>]) -> std::io::Result<()> {
     }
 }
 
+/// READY=1 with a STATUS= line, for a service other than the agent
+/// (`registrar render`). A no-op without `NOTIFY_SOCKET`.
+pub fn notify_ready(status: &str) {
+    if let Err(e) = send(&[NotifyState::Ready, NotifyState::Status(status)]) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
 /// Observes the agent: keeps systemd and the metrics current.
 pub struct Telemetry {
     pub metrics: Metrics,

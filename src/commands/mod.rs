@@ -6,10 +6,10 @@
 
 mod check_config;
 mod deregister;
-mod follow;
 mod ls;
 mod maintenance;
 mod register;
+mod render;
 mod wait;
 mod watch;
 
@@ -264,6 +264,7 @@ fn common(cli: &Cli) -> &Common {
         Command::Ls(l) => &l.one_shot.common,
         Command::Watch(w) => &w.common,
         Command::Wait(w) => &w.common,
+        Command::Render(r) => &r.common,
     }
 }
 
@@ -323,6 +324,7 @@ pub async fn run(cli: Cli, config: Config, control: Control) -> Result<(), Failu
         Command::Ls(args) => ls::run(&config, &args).await,
         Command::Watch(args) => watch::run(&config, &args, &cancel).await,
         Command::Wait(args) => wait::run(&config, &args, &cancel).await,
+        Command::Render(args) => render::run(config, &args, control).await,
         // Handled by `generated` before any config is loaded.
         Command::Completions { .. } | Command::Man => Ok(()),
     }

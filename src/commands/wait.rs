@@ -6,11 +6,11 @@ use std::io::Write;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::follow::Follower;
 use super::{Failure, etcd_failure, exit, report_malformed};
 use crate::cli::{WaitArgs, WaitFormat};
 use crate::config::Config;
 use crate::etcd::Etcd;
+use crate::registry::follow::Follower;
 use crate::registry::{HostId, HostView, Registry};
 
 fn matching<'r>(

@@ -7,11 +7,11 @@ use std::io::Write;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::follow::Follower;
 use super::{Failure, etcd_failure, exit, report_malformed, scope};
 use crate::cli::{WatchArgs, WatchFormat};
 use crate::config::Config;
 use crate::etcd::Etcd;
+use crate::registry::follow::Follower;
 use crate::registry::{Change, HostId, HostView, diff};
 
 /// One line of `-o json`.

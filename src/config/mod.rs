@@ -30,7 +30,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cli::{Common, LogFormat};
-pub use raw::{RawCheck, RawConfig, RawDuration};
+pub use raw::{RawCheck, RawConfig, RawDuration, RawTemplate};
 
 pub use limits::{MAX_TXN_BYTES, MAX_TXN_OPS};
 
@@ -43,6 +43,23 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_OUTPUT_REFRESH: Duration = Duration::from_secs(300);
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One template of `registrar render`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateSpec {
+    pub source: PathBuf,
+    pub destination: PathBuf,
+    pub check: Option<Vec<String>>,
+    pub reload: Option<Vec<String>>,
+    pub wait_min: Duration,
+    /// Zero: no upper bound beyond `wait_min`.
+    pub wait_max: Duration,
+    pub min_hosts: Option<usize>,
+    pub mode: Option<u32>,
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+    pub command_timeout: Duration,
+}
 
 /// User credentials for etcd. `Debug` and `Display` never show the password.
 #[derive(Clone, PartialEq, Eq)]
@@ -108,6 +125,8 @@ pub struct Config {
     pub checks: Vec<crate::check::Spec>,
     pub output_refresh: Duration,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The templates of `registrar render`.
+    pub templates: Vec<TemplateSpec>,
     /// The file the config came from, for messages and reload.
     pub source: Option<PathBuf>,
     /// Things worth a warning that do not make the config invalid (logged

@@ -67,6 +67,41 @@ pub struct RawConfig {
     pub metrics_listen: Option<String>,
     /// How often a change of check output alone is written (default 5m).
     pub output_refresh: Option<RawDuration>,
+    /// Files `registrar render` keeps in step with the registry.
+    pub templates: Option<Vec<RawTemplate>>,
+}
+
+/// One template of `registrar render` (contract section 6).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTemplate {
+    /// The minijinja template file.
+    pub source: Option<PathBuf>,
+    /// The file it renders to.
+    pub destination: Option<PathBuf>,
+    /// argv run on the staged file before it replaces the destination;
+    /// `{{src}}` is the staged file.
+    pub check: Option<Vec<String>>,
+    /// argv run after the destination changed.
+    pub reload: Option<Vec<String>>,
+    /// Quiescence: render once the registry was quiet for `min`, and no
+    /// later than `max` after the first unrendered change.
+    pub wait: Option<RawWait>,
+    /// Refuse a render that lists fewer hosts.
+    pub min_hosts: Option<usize>,
+    /// Octal file mode, e.g. "0644".
+    pub mode: Option<String>,
+    pub owner: Option<String>,
+    pub group: Option<String>,
+    /// Bound on `check` and `reload` (default 30s).
+    pub command_timeout: Option<RawDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWait {
+    pub min: Option<RawDuration>,
+    pub max: Option<RawDuration>,
 }
 
 /// One health check as written in the config file.

@@ -124,6 +124,7 @@ pub(super) fn merge(
         checks: reports.checks,
         output_refresh: reports.output_refresh,
         metrics_listen: reports.metrics_listen,
+        templates: templates_field(&mut p, raw.templates.as_deref().unwrap_or_default()),
         source: file.map(|f| f.path.clone()),
         warnings,
     };

@@ -569,3 +569,168 @@ pub(super) fn checks_field(
     }
     out
 }
+
+/// The templates of `registrar render`, validated: a readable source, an
+/// absolute destination in an existing directory, non-empty command argv,
+/// `wait.min` no longer than `wait.max`, an octal mode, known owner and
+/// group.
+pub(super) fn templates_field(p: &mut Problems, raw: &[super::RawTemplate]) -> Vec<TemplateSpec> {
+    let mut out = Vec::new();
+    for (i, t) in raw.iter().enumerate() {
+        let label = t
+            .destination
+            .as_ref()
+            .map_or(format!("#{}", i + 1), |d| d.display().to_string());
+        let item = format!("[{i}]={label}");
+        let at = |sub: &str| Origin::File(vec!["templates".into(), item.clone(), sub.into()]);
+        let field = format!("templates[{label}]");
+        let before = p.list.len();
+        let source = match &t.source {
+            None => {
+                p.push(&at("source"), &field, "has no source (the template file)");
+                PathBuf::new()
+            }
+            Some(s) if !s.is_file() => {
+                p.push(
+                    &at("source"),
+                    &field,
+                    format_args!("source {} is not a readable file", s.display()),
+                );
+                s.clone()
+            }
+            Some(s) => s.clone(),
+        };
+        let destination = match &t.destination {
+            None => {
+                p.push(
+                    &at("destination"),
+                    &field,
+                    "has no destination (the file to write)",
+                );
+                PathBuf::new()
+            }
+            Some(d) if !d.is_absolute() => {
+                p.push(
+                    &at("destination"),
+                    &field,
+                    format_args!("destination {} must be an absolute path", d.display()),
+                );
+                d.clone()
+            }
+            Some(d) if !d.parent().is_some_and(Path::is_dir) => {
+                p.push(
+                    &at("destination"),
+                    &field,
+                    format_args!(
+                        "the directory of destination {} does not exist",
+                        d.display()
+                    ),
+                );
+                d.clone()
+            }
+            Some(d) => d.clone(),
+        };
+        let argv = |p: &mut Problems, sub: &str, v: &Option<Vec<String>>| match v {
+            Some(argv) if argv.first().is_none_or(|a| a.is_empty()) => {
+                p.push(
+                    &at(sub),
+                    &field,
+                    format_args!("{sub} needs a program: {sub}: [program, arg]"),
+                );
+                None
+            }
+            other => other.clone(),
+        };
+        let check = argv(p, "check", &t.check);
+        let reload = argv(p, "reload", &t.reload);
+        let dur =
+            |p: &mut Problems, sub: &str, raw: Option<&RawDuration>, default: Duration| match raw {
+                None => default,
+                Some(RawDuration::Text(s)) if s.trim() == "0" || s.trim() == "0s" => Duration::ZERO,
+                Some(raw) => match raw.parse() {
+                    Ok(d) => d,
+                    Err(msg) => {
+                        p.push(&at(sub), &field, format_args!("{sub}: {msg}"));
+                        default
+                    }
+                },
+            };
+        let wait = t.wait.as_ref();
+        let wait_min = dur(p, "wait", wait.and_then(|w| w.min.as_ref()), Duration::ZERO);
+        let wait_max = dur(p, "wait", wait.and_then(|w| w.max.as_ref()), Duration::ZERO);
+        if !wait_max.is_zero() && wait_min > wait_max {
+            p.push(
+                &at("wait"),
+                &field,
+                format_args!(
+                    "wait.min {} is longer than wait.max {}",
+                    humantime::format_duration(wait_min),
+                    humantime::format_duration(wait_max)
+                ),
+            );
+        }
+        let command_timeout = dur(
+            p,
+            "command_timeout",
+            t.command_timeout.as_ref(),
+            Duration::from_secs(30),
+        );
+        let mode = t.mode.as_ref().and_then(|m| {
+            match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
+                Ok(v) if v <= 0o7777 => Some(v),
+                _ => {
+                    p.push(
+                        &at("mode"),
+                        &field,
+                        format_args!("mode {m:?} is not an octal file mode like \"0644\""),
+                    );
+                    None
+                }
+            }
+        });
+        let owner = t
+            .owner
+            .as_ref()
+            .and_then(|name| match nix::unistd::User::from_name(name) {
+                Ok(Some(u)) => Some(u.uid.as_raw()),
+                _ => {
+                    p.push(
+                        &at("owner"),
+                        &field,
+                        format_args!("owner {name:?} is not a user on this host"),
+                    );
+                    None
+                }
+            });
+        let group = t
+            .group
+            .as_ref()
+            .and_then(|name| match nix::unistd::Group::from_name(name) {
+                Ok(Some(g)) => Some(g.gid.as_raw()),
+                _ => {
+                    p.push(
+                        &at("group"),
+                        &field,
+                        format_args!("group {name:?} is not a group on this host"),
+                    );
+                    None
+                }
+            });
+        if p.list.len() == before {
+            out.push(TemplateSpec {
+                source,
+                destination,
+                check,
+                reload,
+                wait_min,
+                wait_max,
+                min_hosts: t.min_hosts,
+                mode,
+                owner,
+                group,
+                command_timeout,
+            });
+        }
+    }
+    out
+}

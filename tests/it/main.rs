@@ -11,6 +11,7 @@ mod etcd_errors;
 mod faults;
 mod lease_session;
 mod one_shot;
+mod render;
 mod security;
 mod soak;
 

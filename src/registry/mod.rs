@@ -1,6 +1,7 @@
 //! The registry as consumers see it: keys parsed back into hosts.
 //!
-//! Used by `ls`, `watch` and `wait`. A host is *present* only when it has
+//! Used by `ls`, `watch`, `wait` and `render`; [`follow`] keeps it in step
+//! with etcd through one watch. A host is *present* only when it has
 //! both `ip` and `health` (a registration is one transaction, so this is
 //! never a half-written host; a host withdrawn by `deregister_after` keeps
 //! only `owner` and is not present). Keys or values that do not follow the
@@ -10,6 +11,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::Serialize;
+
+pub mod follow;
 
 use crate::check::Status;
 use crate::layout::{HostDir, Leaf, parse_key};
@@ -88,6 +91,9 @@ pub struct Malformed {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
     pub hosts: BTreeMap<HostId, HostView>,
+    /// Every key under the prefix with its value (lossy UTF-8), malformed
+    /// ones included: what confd-style template functions read.
+    pub raw: BTreeMap<String, String>,
 }
 
 fn id_of(dir: &HostDir) -> HostId {
@@ -110,6 +116,10 @@ impl Registry {
         revision: i64,
     ) -> Result<HostId, Malformed> {
         let key_text = String::from_utf8_lossy(key).into_owned();
+        self.raw.insert(
+            key_text.clone(),
+            String::from_utf8_lossy(value).into_owned(),
+        );
         let bad = |why: String| Malformed {
             key: key_text.clone(),
             why,
@@ -176,6 +186,7 @@ impl Registry {
     /// Applies a delete of `key`. Returns the host it touched, if any.
     pub fn delete(&mut self, prefix: &str, key: &[u8], revision: i64) -> Option<HostId> {
         let key_text = String::from_utf8_lossy(key);
+        self.raw.remove(key_text.as_ref());
         let (dir, leaf) = parse_key(prefix, &key_text)?;
         let id = id_of(&dir);
         let host = self.hosts.get_mut(&id)?;

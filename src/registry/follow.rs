@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use etcd_client::{EventType, GetOptions, WatchOptions, WatchStream};
 
+use super::{HostId, HostView, Malformed, Registry};
 use crate::backoff::{Outage, Policy};
 use crate::etcd::{Etcd, EtcdError, Rotation, bounded};
-use crate::registry::{HostId, HostView, Malformed, Registry};
 
 /// The changes of one revision: each touched host with its state before
 /// and after that revision.

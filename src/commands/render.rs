@@ -1,0 +1,28 @@
+//! `registrar render`: see [`crate::render`]. Here: exit codes.
+
+use super::{Control, Failure, etcd_failure, exit};
+use crate::agent::reload::Reloads;
+use crate::cli::RenderArgs;
+use crate::config::Config;
+use crate::etcd::Etcd;
+use crate::render::{Options, RenderError};
+
+pub async fn run(config: Config, args: &RenderArgs, control: Control) -> Result<(), Failure> {
+    let etcd = Etcd::new(&config.etcd).map_err(|e| Failure::new(exit::DENIED, e))?;
+    let options = Options {
+        once: args.once,
+        dry_run: args.dry_run,
+        timeout: args.timeout,
+    };
+    let reloads = control.load.map(|load| Reloads {
+        notify: control.reload.clone(),
+        load,
+    });
+    crate::render::run(config, &etcd, options, &control.cancel, reloads)
+        .await
+        .map_err(|e| match e {
+            RenderError::Etcd(e) => etcd_failure(e, &etcd),
+            RenderError::Config(_) => Failure::new(exit::CONFIG, e),
+            RenderError::Failed(_) => Failure::new(exit::RUNTIME, e),
+        })
+}
