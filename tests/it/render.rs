@@ -2,9 +2,10 @@
 //! atomically, reloaded; fail closed; and haproxy carrying real traffic.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use crate::support::Cluster;
 use crate::support::proc::{cmd, host_args, run};
+use crate::support::{Agent, Cluster, eventually};
 
 /// Registers one host one-shot with an http service.
 async fn register(eps: &str, role: &str, host: &str, ip: &str, port: u16) {
@@ -209,4 +210,336 @@ async fn render_once_writes_checks_refuses_and_restores() {
     let r = render_once(&cfg_down, &["--timeout", "1s"]).await;
     assert_eq!(r.code, 69, "{}", r.stderr);
     assert_eq!(d.read("out.cfg").as_deref(), Some(first.as_str()));
+}
+
+/// A backend: an HTTP server on loopback answering with its name.
+struct Backend {
+    name: String,
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    async fn start(name: &str) -> Backend {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let body = name.to_string();
+        let task = tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = sock.read(&mut buf).await;
+                    let resp = format!(
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                    let _ = sock.shutdown().await;
+                });
+            }
+        });
+        Backend {
+            name: name.to_string(),
+            port,
+            task,
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An agent for a backend, with an exec check that passes while its flag
+/// file exists.
+fn backend_agent(eps: &str, d: &Dir, b: &Backend) -> Agent {
+    let flag = d.write(&format!("{}.up", b.name), "");
+    let cfg = d.write(
+        &format!("{}.yaml", b.name),
+        &format!(
+            "checks:\n  - name: up\n    shell: 'test -f {} || exit 2'\n    interval: 200ms\n",
+            flag.display()
+        ),
+    );
+    let mut args = cmd(
+        "agent",
+        host_args(eps, "dc1", "web", &b.name, &format!("id-{}", b.name), "3s"),
+    );
+    args.extend([
+        "--service".into(),
+        format!("http={}", b.port),
+        "--config".into(),
+        cfg.to_string_lossy().into_owned(),
+        "--state-dir".into(),
+        d.path(&format!("{}.state", b.name))
+            .to_string_lossy()
+            .into_owned(),
+    ]);
+    Agent::spawn(&b.name, &args)
+}
+
+/// haproxy in master-worker mode, its whole process group killed on drop.
+struct Haproxy {
+    child: std::process::Child,
+}
+
+impl Haproxy {
+    fn start(cfg: &Path) -> Haproxy {
+        use std::os::unix::process::CommandExt;
+        let child = std::process::Command::new("haproxy")
+            .args(["-W", "-db", "-f"])
+            .arg(cfg)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start haproxy (./scripts/test installs it)");
+        Haproxy { child }
+    }
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// Requests through haproxy, every 20 ms: (when, answer or error).
+type Log = std::sync::Arc<std::sync::Mutex<Vec<(tokio::time::Instant, Result<String, String>)>>>;
+
+fn traffic(port: u16) -> (Log, tokio::task::JoinHandle<()>) {
+    let log: Log = Default::default();
+    let sink = log.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let answer = async {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                s.write_all(b"GET /web/ HTTP/1.0\r\nHost: x\r\n\r\n")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match out.split_once("\r\n\r\n") {
+                    Some((head, body))
+                        if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") =>
+                    {
+                        Ok(body.to_string())
+                    }
+                    _ => Err(out.lines().next().unwrap_or("empty answer").to_string()),
+                }
+            };
+            let r = tokio::time::timeout(Duration::from_secs(5), answer)
+                .await
+                .unwrap_or_else(|_| Err("no answer within 5s".into()));
+            sink.lock().unwrap().push((tokio::time::Instant::now(), r));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    (log, task)
+}
+
+/// Waits until, after `since`, `window` of consecutive answers all come
+/// from exactly `want`; returns how long that took to begin.
+async fn traffic_settles(
+    log: &Log,
+    since: tokio::time::Instant,
+    want: &[&str],
+    within: Duration,
+) -> Duration {
+    let want: std::collections::BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+    eventually(within, "the traffic to follow the registry", || {
+        let entries: Vec<_> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, _)| *at >= since)
+            .cloned()
+            .collect();
+        let want = want.clone();
+        async move {
+            // The first point after which the last 60 answers came only
+            // from `want` and from every one of them.
+            let n = entries.len();
+            if n < 60 {
+                return Err(format!("{n} answers so far"));
+            }
+            let tail = &entries[n - 60..];
+            let seen: std::collections::BTreeSet<String> =
+                tail.iter().filter_map(|(_, r)| r.clone().ok()).collect();
+            if seen == want && tail.iter().all(|(_, r)| r.is_ok()) {
+                // Settled when the last answer from outside `want` is
+                // past and every member of `want` has answered.
+                let left = entries
+                    .iter()
+                    .rposition(|(_, r)| r.as_ref().map_or(true, |b| !want.contains(b)))
+                    .map_or(since, |i| entries[(i + 1).min(n - 1)].0);
+                let joined = want
+                    .iter()
+                    .filter_map(|w| {
+                        entries
+                            .iter()
+                            .find(|(_, r)| r.as_ref().ok() == Some(w))
+                            .map(|(at, _)| *at)
+                    })
+                    .max()
+                    .unwrap_or(since);
+                Ok(left.max(joined).duration_since(since))
+            } else {
+                Err(format!("last answers from {seen:?}"))
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn haproxy_follows_the_registry_with_no_failed_request() {
+    let cluster = Cluster::start(1).await;
+    let eps = cluster.endpoint_list();
+    let d = Dir::new();
+    let mut backends = vec![
+        Backend::start("b1").await,
+        Backend::start("b2").await,
+        Backend::start("b3").await,
+    ];
+    let mut agents: Vec<Agent> = backends
+        .iter()
+        .map(|b| backend_agent(&eps, &d, b))
+        .collect();
+    let c = cluster.client().await;
+    eventually(Duration::from_secs(15), "three healthy backends", || {
+        let mut c = c.clone();
+        async move {
+            let (kvs, _) = crate::read_prefix(&mut c, "/infrastructure/dc1/web/").await;
+            let passing = kvs
+                .iter()
+                .filter(|kv| kv.key().ends_with(b"/health") && kv.value() == b"passing")
+                .count();
+            if passing == 3 {
+                Ok(())
+            } else {
+                Err(format!("{passing} passing"))
+            }
+        }
+    })
+    .await;
+
+    // The shipped template, bound to a free port on loopback.
+    let listen = crate::support::free_port();
+    let example = std::fs::read_to_string(format!(
+        "{}/examples/haproxy/haproxy.cfg.j2",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let template = d.write(
+        "haproxy.cfg.j2",
+        &example.replace("\"*:80\"", &format!("\"127.0.0.1:{listen}\"")),
+    );
+    let out = d.path("out.cfg");
+    let base = format!(
+        "endpoints: [{eps}]\ntemplates:\n  - source: {}\n    destination: {}\n    check: [haproxy, -c, -q, -f, \"{{{{src}}}}\"]\n    wait: {{min: 100ms, max: 1s}}\n    min_hosts: 1\n",
+        template.display(),
+        out.display()
+    );
+    let first = d.write("first.yaml", &base);
+    let r = render_once(&first, &[]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let haproxy = Haproxy::start(&out);
+    let cfg = d.write(
+        "render.yaml",
+        &format!("{base}    reload: [kill, -USR2, \"{}\"]\n", haproxy.pid()),
+    );
+    let mut render_args = vec!["render".to_string(), "--config".into()];
+    render_args.push(cfg.to_string_lossy().into_owned());
+    let render = Agent::spawn("render", &render_args);
+    eventually(
+        Duration::from_secs(10),
+        "haproxy listening",
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", listen))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
+    let (log, requests) = traffic(listen);
+    let started = tokio::time::Instant::now();
+    traffic_settles(&log, started, &["b1", "b2", "b3"], Duration::from_secs(15)).await;
+
+    // A check fails: b1 leaves the backend.
+    std::fs::remove_file(d.path("b1.up")).unwrap();
+    let t = tokio::time::Instant::now();
+    let took = traffic_settles(&log, t, &["b2", "b3"], Duration::from_secs(10)).await;
+    eprintln!("check failed: traffic followed after {took:?}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+
+    // An agent stops: its host is revoked and leaves the backend.
+    agents[1].signal(nix::sys::signal::Signal::SIGTERM);
+    let t = tokio::time::Instant::now();
+    let took = traffic_settles(&log, t, &["b3"], Duration::from_secs(10)).await;
+    eprintln!("agent stopped: traffic followed after {took:?}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+
+    // A fourth backend registers and joins.
+    backends.push(Backend::start("b4").await);
+    agents.push(backend_agent(&eps, &d, &backends[3]));
+    let t = tokio::time::Instant::now();
+    let took = traffic_settles(&log, t, &["b3", "b4"], Duration::from_secs(15)).await;
+    eprintln!("backend added: traffic followed after {took:?}");
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+
+    // A template that renders an invalid config is refused by haproxy -c:
+    // the running config stays, and so does the traffic.
+    let before = std::fs::read_to_string(&out).unwrap();
+    std::fs::write(&template, format!("{example}\nthis is not haproxy\n")).unwrap();
+    render.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually(
+        Duration::from_secs(10),
+        "the check's refusal in the log",
+        || {
+            let log = render.log();
+            async move {
+                if log.contains("refused the new") {
+                    Ok(())
+                } else {
+                    Err(log)
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), before);
+
+    requests.abort();
+    let failed: Vec<_> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(at, r)| {
+            r.as_ref()
+                .err()
+                .map(|e| (at.duration_since(started), e.clone()))
+        })
+        .collect();
+    let total = log.lock().unwrap().len();
+    eprintln!("{total} requests through haproxy, {} failed", failed.len());
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert!(total > 100, "only {total} requests");
+    drop(haproxy);
 }
