@@ -396,6 +396,10 @@ fn unit_files_pass_systemd_analyze_verify() {
             repo("systemd/registrar-register.service"),
         ),
         (
+            "registrar-render.service",
+            repo("systemd/registrar-render.service"),
+        ),
+        (
             "cc-registrar.service",
             cc_unit
                 .replace("Requires=registrar-install.service\n", "")
