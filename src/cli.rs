@@ -432,6 +432,15 @@ const AGENT_ONLY: &[&str] = &[
     "metrics_listen",
 ];
 
+/// The agent-only flags a reading command has no use for (`render` serves
+/// metrics too).
+fn agent_only(command: &str) -> impl Iterator<Item = &'static &'static str> {
+    let keeps_metrics = command == "render";
+    AGENT_ONLY
+        .iter()
+        .filter(move |id| !(keeps_metrics && **id == "metrics_listen"))
+}
+
 /// The commands that read the registry.
 const CONSUMERS: &[&str] = &["ls", "watch", "wait", "render"];
 
@@ -442,7 +451,7 @@ pub fn command() -> clap::Command {
     let mut cmd = Cli::command();
     for name in CONSUMERS {
         cmd = cmd.mut_subcommand(*name, |mut sub| {
-            for id in AGENT_ONLY {
+            for id in agent_only(name) {
                 sub = sub.mut_arg(*id, |a| a.hide(true));
             }
             sub

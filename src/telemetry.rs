@@ -374,11 +374,137 @@ impl crate::lease::Observer for Telemetry {
     }
 }
 
+/// What the metrics server serves: `/metrics`, and `/health`'s answer.
+pub trait Exposed: Clone + Send + Sync + 'static {
+    /// The metrics in Prometheus/OpenMetrics text.
+    fn render(&self) -> String;
+    /// `/health`: 200 with the first text, or 503 with the second.
+    fn health(&self) -> Result<&'static str, &'static str>;
+}
+
+impl Exposed for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
+    }
+    fn health(&self) -> Result<&'static str, &'static str> {
+        if self.lease_alive() {
+            Ok("lease alive\n")
+        } else {
+            Err("lease not alive\n")
+        }
+    }
+}
+
+/// `registrar render`'s metrics. Cheap to clone; clones share the values.
+#[derive(Clone)]
+pub struct RenderMetrics {
+    registry: Arc<Registry>,
+    pub renders: Counter,
+    pub writes: Counter,
+    pub check_failures: Counter,
+    pub reload_failures: Counter,
+    pub template_errors: Counter,
+    pub min_hosts_refusals: Counter,
+    pub rendered_revision: Gauge,
+    pub registry_revision: Gauge,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Default for RenderMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RenderMetrics {
+    pub fn new() -> RenderMetrics {
+        let mut registry = Registry::with_prefix("registrar_render");
+        let m = RenderMetrics {
+            registry: Arc::new(Registry::default()),
+            renders: Counter::default(),
+            writes: Counter::default(),
+            check_failures: Counter::default(),
+            reload_failures: Counter::default(),
+            template_errors: Counter::default(),
+            min_hosts_refusals: Counter::default(),
+            rendered_revision: Gauge::default(),
+            registry_revision: Gauge::default(),
+            ready: Arc::default(),
+        };
+        for (name, help, c) in [
+            ("renders", "Templates rendered", &m.renders),
+            (
+                "writes",
+                "Files written (their content, mode or owner changed)",
+                &m.writes,
+            ),
+            (
+                "check_failures",
+                "Renders refused by their check command",
+                &m.check_failures,
+            ),
+            (
+                "reload_failures",
+                "Reload commands that failed (the previous files were restored)",
+                &m.reload_failures,
+            ),
+            (
+                "template_errors",
+                "Renders that failed in the template",
+                &m.template_errors,
+            ),
+            (
+                "min_hosts_refusals",
+                "Renders refused for listing fewer hosts than min_hosts",
+                &m.min_hosts_refusals,
+            ),
+        ] {
+            registry.register(name, help, c.clone());
+        }
+        registry.register(
+            "rendered_revision",
+            "The registry revision of the last render",
+            m.rendered_revision.clone(),
+        );
+        registry.register(
+            "registry_revision",
+            "The newest registry revision the watch has applied; minus rendered_revision, the lag",
+            m.registry_revision.clone(),
+        );
+        RenderMetrics {
+            registry: Arc::new(registry),
+            ..m
+        }
+    }
+
+    /// Every template has rendered once.
+    pub fn set_ready(&self) {
+        self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Exposed for RenderMetrics {
+    fn render(&self) -> String {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            text = "# encoding failed\n".into();
+        }
+        text
+    }
+    fn health(&self) -> Result<&'static str, &'static str> {
+        if self.ready.load(std::sync::atomic::Ordering::Relaxed) {
+            Ok("rendered\n")
+        } else {
+            Err("not rendered yet\n")
+        }
+    }
+}
+
 /// Serves `/metrics` and `/health` until `cancel`: HTTP/1.1 on hyper, one
 /// task per connection.
-pub async fn serve(
+pub async fn serve<M: Exposed>(
     listener: tokio::net::TcpListener,
-    metrics: Metrics,
+    metrics: M,
     cancel: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     loop {
@@ -413,8 +539,8 @@ pub async fn serve(
 }
 
 /// The answer to one request of the metrics server.
-fn answer(
-    metrics: &Metrics,
+fn answer<M: Exposed>(
+    metrics: &M,
     method: &hyper::Method,
     path: &str,
 ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
@@ -425,14 +551,10 @@ fn answer(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.render(),
         ),
-        ("/health", true) if metrics.lease_alive() => {
-            (StatusCode::OK, "text/plain", "lease alive\n".into())
-        }
-        ("/health", true) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "lease not alive\n".into(),
-        ),
+        ("/health", true) => match metrics.health() {
+            Ok(text) => (StatusCode::OK, "text/plain", text.into()),
+            Err(text) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", text.into()),
+        },
         ("/metrics" | "/health", false) => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",

@@ -18,7 +18,28 @@ pub async fn run(config: Config, args: &RenderArgs, control: Control) -> Result<
         notify: control.reload.clone(),
         load,
     });
-    crate::render::run(config, &etcd, options, &control.cancel, reloads)
+    let metrics = crate::telemetry::RenderMetrics::new();
+    let serving = control.cancel.child_token();
+    let _stop_serving = serving.clone().drop_guard();
+    if let Some(addr) = config
+        .metrics_listen
+        .filter(|_| !args.once && !args.dry_run)
+    {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            Failure::new(
+                exit::RUNTIME,
+                anyhow::anyhow!("metrics_listen: cannot listen on {addr}: {e}"),
+            )
+        })?;
+        tracing::info!(%addr, "serving /metrics and /health");
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::telemetry::serve(listener, m, serving).await {
+                tracing::error!(error = %e, "the metrics server failed");
+            }
+        });
+    }
+    crate::render::run(config, &etcd, options, &control.cancel, reloads, &metrics)
         .await
         .map_err(|e| match e {
             RenderError::Etcd(e) => etcd_failure(e, &etcd),

@@ -25,6 +25,7 @@ use crate::agent::reload::Reloads;
 use crate::config::{Config, TemplateSpec};
 use crate::etcd::{Etcd, EtcdError};
 use crate::registry::follow::Follower;
+use crate::telemetry::RenderMetrics;
 use template::View;
 
 /// How `render` runs.
@@ -121,6 +122,7 @@ pub async fn run(
     options: Options,
     cancel: &CancellationToken,
     reloads: Option<Reloads>,
+    metrics: &RenderMetrics,
 ) -> Result<(), RenderError> {
     let mut slots = load_all(&config)?;
     // The first complete read: nothing is rendered before it.
@@ -156,7 +158,8 @@ pub async fn run(
                 revision: follower.revision,
                 registry: Arc::new(follower.registry.clone()),
             };
-            let cycle = render_cycle(&mut slots, &due, &view, options).await;
+            let cycle = render_cycle(&mut slots, &due, &view, options, metrics).await;
+            metrics.rendered_revision.set(follower.revision);
             if options.once || options.dry_run {
                 if let Some(e) = cycle.broken.first() {
                     return Err(RenderError::Config(e.clone()));
@@ -168,6 +171,7 @@ pub async fn run(
             }
             if !ready_sent && slots.iter().all(|s| s.listed.is_some()) {
                 ready_sent = true;
+                metrics.set_ready();
                 crate::telemetry::notify_ready(&format!(
                     "rendered {} templates at revision {}",
                     slots.len(),
@@ -215,6 +219,7 @@ pub async fn run(
             }
             batch = follower.next(&mut report) => {
                 batch?;
+                metrics.registry_revision.set(follower.revision);
                 let now = Instant::now();
                 for slot in &mut slots {
                     slot.dirty_since.get_or_insert(now);
@@ -227,16 +232,24 @@ pub async fn run(
 
 /// Renders the due templates at one view, writes what changed, and runs
 /// each distinct reload once.
-async fn render_cycle(slots: &mut [Slot], due: &[usize], view: &View, options: Options) -> Cycle {
+async fn render_cycle(
+    slots: &mut [Slot],
+    due: &[usize],
+    view: &View,
+    options: Options,
+    metrics: &RenderMetrics,
+) -> Cycle {
     let mut cycle = Cycle::default();
     // reload argv → the templates written in this cycle that use it.
     let mut reloads: BTreeMap<Vec<String>, Vec<(usize, write::Previous)>> = BTreeMap::new();
     for &i in due {
         let slot = &mut slots[i];
         slot.dirty_since = None;
+        metrics.renders.inc();
         let (text, listed) = match template::render(&slot.name, &slot.source, view) {
             Ok(r) => r,
             Err(e) => {
+                metrics.template_errors.inc();
                 let why = format!(
                     "template {} does not render; the previous {} stays: {}",
                     slot.name,
@@ -257,6 +270,7 @@ async fn render_cycle(slots: &mut [Slot], due: &[usize], view: &View, options: O
                 listed.len()
             );
             tracing::warn!(revision = view.revision, "{why}");
+            metrics.min_hosts_refusals.inc();
             cycle.failed.push(why);
             continue;
         }
@@ -274,6 +288,7 @@ async fn render_cycle(slots: &mut [Slot], due: &[usize], view: &View, options: O
         }
         match write::commit(&slot.spec, text.as_bytes()).await {
             Ok(previous) => {
+                metrics.writes.inc();
                 tracing::info!(
                     revision = view.revision,
                     "wrote {}: {}",
@@ -290,6 +305,9 @@ async fn render_cycle(slots: &mut [Slot], due: &[usize], view: &View, options: O
                 }
             }
             Err(e) => {
+                if matches!(e, write::WriteError::CheckFailed { .. }) {
+                    metrics.check_failures.inc();
+                }
                 tracing::error!("{e}; the previous file stays");
                 cycle.failed.push(e.to_string());
             }
@@ -306,6 +324,7 @@ async fn render_cycle(slots: &mut [Slot], due: &[usize], view: &View, options: O
         if outcome.ok {
             continue;
         }
+        metrics.reload_failures.inc();
         let why = format!("reload {argv:?} failed: {}", outcome.text.trim());
         tracing::error!("{why}; restoring the previous files and reloading again");
         for (i, previous) in &written {

@@ -460,9 +460,13 @@ async fn haproxy_follows_the_registry_with_no_failed_request() {
     let r = render_once(&first, &[]).await;
     assert_eq!(r.code, 0, "{}", r.stderr);
     let haproxy = Haproxy::start(&out);
+    let metrics_port = crate::support::free_port();
     let cfg = d.write(
         "render.yaml",
-        &format!("{base}    reload: [kill, -USR2, \"{}\"]\n", haproxy.pid()),
+        &format!(
+            "metrics_listen: 127.0.0.1:{metrics_port}\n{base}    reload: [kill, -USR2, \"{}\"]\n",
+            haproxy.pid()
+        ),
     );
     let mut render_args = vec!["render".to_string(), "--config".into()];
     render_args.push(cfg.to_string_lossy().into_owned());
@@ -525,6 +529,33 @@ async fn haproxy_follows_the_registry_with_no_failed_request() {
     )
     .await;
     assert_eq!(std::fs::read_to_string(&out).unwrap(), before);
+
+    // The metrics say it: writes, the refused check, no lag.
+    let text =
+        crate::support::etcd::http_get(&format!("http://127.0.0.1:{metrics_port}/metrics")).await;
+    let metric = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert!(metric("registrar_render_writes_total") >= 3.0, "{text}");
+    assert!(
+        metric("registrar_render_check_failures_total") >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric("registrar_render_rendered_revision"),
+        metric("registrar_render_registry_revision"),
+        "{text}"
+    );
+    let health =
+        crate::support::etcd::http_get(&format!("http://127.0.0.1:{metrics_port}/health")).await;
+    assert!(
+        health.contains("200 OK") && health.contains("rendered"),
+        "{health}"
+    );
 
     requests.abort();
     let failed: Vec<_> = log

@@ -476,7 +476,7 @@ impl Drop for Cluster {
 }
 
 /// A plain HTTP/1.0 GET on loopback.
-async fn http_get(url: &str) -> String {
+pub async fn http_get(url: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.trim_start_matches("http://");
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
