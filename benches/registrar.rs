@@ -5,7 +5,7 @@
 //!
 //! Flags: `--window SECS` (steady-state measurement window, default 60),
 //! `--runs N` (one-shot runs, default 25), `--swarm 1000,5000,10000`,
-//! `--only oneshot,steady,swarm`, `--spread` (swarm hosts spread over all
+//! `--only oneshot,steady,swarm,render`, `--render 1000,10000`, `--spread` (swarm hosts spread over all
 //! members instead of all on the leader).
 
 #[path = "../tests/it/support/mod.rs"]
@@ -33,10 +33,12 @@ struct Args {
     window: Duration,
     runs: usize,
     swarm: Vec<usize>,
-    /// Parts to run: oneshot, steady, swarm (default all).
+    /// Parts to run: oneshot, steady, swarm, render (default all).
     only: Vec<String>,
     /// Spread the swarm's hosts over all members (default: all on the leader).
     spread: bool,
+    /// Registry sizes for the render part.
+    render: Vec<usize>,
 }
 
 fn args() -> Args {
@@ -44,8 +46,14 @@ fn args() -> Args {
         window: Duration::from_secs(60),
         runs: 25,
         swarm: vec![1000, 5000, 10000],
-        only: vec!["oneshot".into(), "steady".into(), "swarm".into()],
+        only: vec![
+            "oneshot".into(),
+            "steady".into(),
+            "swarm".into(),
+            "render".into(),
+        ],
         spread: false,
+        render: vec![1000, 10000],
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -55,6 +63,7 @@ fn args() -> Args {
             "--window" => a.window = Duration::from_secs(next.parse().unwrap_or(60)),
             "--runs" => a.runs = next.parse().unwrap_or(25),
             "--swarm" => a.swarm = next.split(',').filter_map(|n| n.parse().ok()).collect(),
+            "--render" => a.render = next.split(',').filter_map(|n| n.parse().ok()).collect(),
             "--only" => a.only = next.split(',').map(String::from).collect(),
             "--spread" => {
                 a.spread = true;
@@ -848,6 +857,11 @@ fn main() {
     if part("steady") {
         print(rt.block_on(steady_state(a.window)));
     }
+    if part("render") {
+        for n in a.render.clone() {
+            print(rt.block_on(render_bench(n)));
+        }
+    }
     if part("swarm") {
         // The simulated hosts would run on other machines; here they share
         // two cores with the three etcd members. Their worker threads run
@@ -866,4 +880,278 @@ fn main() {
             print(swarm_rt.block_on(swarm(n, Duration::from_secs(20).min(a.window), a.spread)));
         }
     }
+}
+
+/// The number of Range requests a member has served.
+async fn range_requests(endpoint: &str) -> f64 {
+    let url = format!("{endpoint}/metrics");
+    let fetch = async { reqwest::get(url).await?.text().await };
+    let text = match tokio::time::timeout(Duration::from_secs(5), fetch).await {
+        Ok(Ok(t)) => t,
+        _ => String::new(),
+    };
+    text.lines()
+        .filter(|l| {
+            l.starts_with("grpc_server_handled_total") && l.contains("grpc_method=\"Range\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Writes `n` present, passing hosts in bench/web directly, 40 a transaction.
+async fn seed_hosts(c: &mut Client, n: usize) {
+    use etcd_client::{Txn, TxnOp};
+    for chunk in (0..n).collect::<Vec<_>>().chunks(40) {
+        let mut ops = Vec::new();
+        for i in chunk {
+            let dir = format!("/infrastructure/bench/web/h{i:05}/");
+            ops.push(TxnOp::put(
+                format!("{dir}ip"),
+                format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256),
+                None,
+            ));
+            ops.push(TxnOp::put(format!("{dir}health"), "passing", None));
+            ops.push(TxnOp::put(format!("{dir}owner"), format!("m{i}"), None));
+        }
+        c.txn(Txn::new().and_then(ops)).await.expect("seed hosts");
+    }
+}
+
+/// The healthy hosts as the template renders them, from a range read (the
+/// baseline's way: confd re-reads its whole prefix on every event).
+fn baseline_render(kvs: &[etcd_client::KeyValue]) -> String {
+    let mut hosts: BTreeMap<String, (Option<String>, Option<String>)> = BTreeMap::new();
+    for kv in kvs {
+        let key = String::from_utf8_lossy(kv.key());
+        let Some(rest) = key.strip_prefix("/infrastructure/bench/web/") else {
+            continue;
+        };
+        let Some((host, leaf)) = rest.split_once('/') else {
+            continue;
+        };
+        let e = hosts.entry(host.to_string()).or_default();
+        let v = String::from_utf8_lossy(kv.value()).into_owned();
+        match leaf {
+            "ip" => e.0 = Some(v),
+            "health" => e.1 = Some(v),
+            _ => {}
+        }
+    }
+    hosts
+        .iter()
+        .filter(|(_, (ip, h))| ip.is_some() && h.as_deref() == Some("passing"))
+        .map(|(host, (ip, _))| format!("{host} {}\n", ip.as_deref().unwrap_or("")))
+        .collect()
+}
+
+/// The confd approach, as a loop: watch the prefix, and on every watch
+/// response re-read the whole prefix and rewrite the file.
+async fn baseline(
+    endpoint: String,
+    out: std::path::PathBuf,
+    renders: Arc<AtomicU64>,
+    cancel: CancellationToken,
+) {
+    let mut c = Client::connect([endpoint], None)
+        .await
+        .expect("baseline client");
+    let prefix = "/infrastructure/bench/web/";
+    let first = c
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("read");
+    let _ = std::fs::write(&out, baseline_render(first.kvs()));
+    let mut stream = c
+        .watch(prefix, Some(etcd_client::WatchOptions::new().with_prefix()))
+        .await
+        .expect("watch");
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = stream.message() => m,
+        };
+        let Ok(Some(resp)) = msg else { return };
+        if resp.events().is_empty() {
+            continue;
+        }
+        let all = c
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .expect("read");
+        let text = baseline_render(all.kvs());
+        let tmp = out.with_extension("tmp");
+        let _ = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &out));
+        renders.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Flips host `i`'s health and waits until `out` shows it; the time taken.
+async fn change_reaches_file(
+    c: &mut Client,
+    out: &std::path::Path,
+    i: usize,
+    healthy: bool,
+) -> Duration {
+    let key = format!("/infrastructure/bench/web/h{i:05}/health");
+    let line = format!("h{i:05} ");
+    let start = Instant::now();
+    c.put(key, if healthy { "passing" } else { "critical" }, None)
+        .await
+        .expect("put");
+    loop {
+        let text = std::fs::read_to_string(out).unwrap_or_default();
+        if text.contains(&line) == healthy {
+            return start.elapsed();
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
+/// `registrar render` against the confd approach, with `n` hosts: change
+/// latency to the file, and the cost of a burst of 1,000 changes.
+async fn render_bench(n: usize) -> Vec<(String, String)> {
+    let cluster = Cluster::start(1).await;
+    let endpoint = cluster.endpoints()[0].clone();
+    let mut c = cluster.client().await;
+    seed_hosts(&mut c, n).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let template = dir.path().join("hosts.j2");
+    std::fs::write(
+        &template,
+        "{% for h in hosts(\"bench/web\", healthy=true) %}{{ h.host }} {{ h.ip }}\n{% endfor %}",
+    )
+    .expect("template");
+    let mut rows = Vec::new();
+    for (label, wait_min) in [("latency", "0s"), ("burst", "200ms")] {
+        let out = dir.path().join(format!("{label}.out"));
+        let metrics_port = support::free_port();
+        let cfg = dir.path().join(format!("{label}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "endpoints: [{endpoint}]\nmetrics_listen: 127.0.0.1:{metrics_port}\ntemplates:\n  - source: {}\n    destination: {}\n    wait: {{min: {wait_min}}}\n",
+                template.display(),
+                out.display()
+            ),
+        )
+        .expect("config");
+        let render = Agent::spawn(
+            "render",
+            &[
+                "render".to_string(),
+                "--config".into(),
+                cfg.to_string_lossy().into_owned(),
+            ],
+        );
+        let started = Instant::now();
+        while std::fs::read_to_string(&out).map_or(0, |t| t.lines().count()) < n {
+            if started.elapsed() > Duration::from_secs(120) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let first = started.elapsed();
+        let pid = render.pid().as_raw() as u32;
+        let base_out = dir.path().join(format!("{label}.baseline"));
+        let renders = Arc::new(AtomicU64::new(0));
+        let cancel = CancellationToken::new();
+        let base = tokio::spawn(baseline(
+            endpoint.clone(),
+            base_out.clone(),
+            renders.clone(),
+            cancel.clone(),
+        ));
+        while std::fs::read_to_string(&base_out).map_or(0, |t| t.lines().count()) < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if label == "latency" {
+            rows.push((
+                format!("render {n} hosts: first complete file after start"),
+                ms(first),
+            ));
+            let mut ours = Vec::new();
+            let mut theirs = Vec::new();
+            for k in 0..40 {
+                let i = (k * 7919) % n;
+                // Both loops watch; the slower one decides when the next
+                // change may go, so each change is measured on its own.
+                let d = change_reaches_file(&mut c, &out, i, false).await;
+                ours.push(d);
+                let start = Instant::now();
+                while std::fs::read_to_string(&base_out)
+                    .unwrap_or_default()
+                    .contains(&format!("h{i:05} "))
+                {
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                }
+                theirs.push(d.max(start.elapsed()));
+                change_reaches_file(&mut c, &out, i, true).await;
+                while !std::fs::read_to_string(&base_out)
+                    .unwrap_or_default()
+                    .contains(&format!("h{i:05} "))
+                {
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                }
+            }
+            ours.sort();
+            theirs.sort();
+            rows.push((
+                format!("render {n} hosts: one change to the file, p50 / p99 (wait.min 0)"),
+                format!(
+                    "{} / {} (confd-style re-read loop: {} / {})",
+                    ms(percentile(&ours, 0.5)),
+                    ms(percentile(&ours, 0.99)),
+                    ms(percentile(&theirs, 0.5)),
+                    ms(percentile(&theirs, 0.99))
+                ),
+            ));
+        } else {
+            let metric_url = format!("http://127.0.0.1:{metrics_port}");
+            let renders_before = metric(&metric_url, "registrar_render_renders_total").await;
+            let ranges_before = range_requests(&endpoint).await;
+            let base_before = renders.load(Ordering::Relaxed);
+            let (cpu0, _) = proc_usage(pid);
+            for k in 0..1000 {
+                let key = format!("/infrastructure/bench/web/h{:05}/health", k % n);
+                c.put(key, "critical", None).await.expect("put");
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                let text = std::fs::read_to_string(&out).unwrap_or_default();
+                let base_text = std::fs::read_to_string(&base_out).unwrap_or_default();
+                if text.lines().count() == n.saturating_sub(1000.min(n))
+                    && base_text.lines().count() == text.lines().count()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // Let a late render show itself before counting.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (cpu1, rss) = proc_usage(pid);
+            let renders_after = metric(&metric_url, "registrar_render_renders_total").await;
+            let ranges = range_requests(&endpoint).await - ranges_before;
+            let base_renders = renders.load(Ordering::Relaxed) - base_before;
+            rows.push((
+                format!("render {n} hosts: a burst of 1,000 changes (wait.min 200ms): renders, etcd range requests"),
+                format!(
+                    "{} renders, {} range requests from both loops (confd-style loop: {} renders, one range read each)",
+                    renders_after - renders_before,
+                    ranges - base_renders as f64,
+                    base_renders
+                ),
+            ));
+            rows.push((
+                format!("render {n} hosts: the render process's CPU for the burst, RSS"),
+                format!("{:.2} s CPU, {} MiB RSS", cpu1 - cpu0, rss / 1024),
+            ));
+        }
+        cancel.cancel();
+        let _ = base.await;
+        drop(render);
+    }
+    rows
 }
