@@ -146,7 +146,11 @@ impl<'a> Follower<'a> {
             if behind || resp.compact_revision() > 0 {
                 // Our history is gone: diff a fresh snapshot against what we had.
                 let (old_revision, old_cluster) = (self.revision, self.cluster_id);
-                let old = std::mem::take(&mut self.registry);
+                // A clone, not a take: this future may be dropped during the
+                // re-read (render and watch poll it in a select!), and the
+                // mirror must then still be the last complete registry, never
+                // an empty one a render would write out.
+                let old = self.registry.clone();
                 let bad = self.resnapshot().await?;
                 bad.into_iter().for_each(&mut *report);
                 if self.cluster_id != old_cluster && old_cluster != 0 {
