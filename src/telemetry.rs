@@ -223,6 +223,13 @@ pub fn notify_ready(status: &str) {
     }
 }
 
+/// WATCHDOG=1, for a service other than the agent (`registrar render`).
+pub fn notify_watchdog() {
+    if let Err(e) = send(&[NotifyState::Watchdog]) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
 /// Observes the agent: keeps systemd and the metrics current.
 pub struct Telemetry {
     pub metrics: Metrics,

@@ -142,6 +142,10 @@ pub async fn run(
         tracing::debug!(key = m.key, why = m.why, "skipping a malformed key");
     }
     let mut ready_sent = false;
+    // WATCHDOG=1 from the render loop itself: a loop stuck in a render or
+    // a command past the unit's WatchdogSec is restarted.
+    let mut watchdog = tokio::time::interval(Duration::from_secs(10));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (notify, load) = match reloads {
         Some(r) => (Some(r.notify), Some(r.load)),
         None => (None, None),
@@ -197,6 +201,11 @@ pub async fn run(
         };
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
+            _ = watchdog.tick() => {
+                if ready_sent {
+                    crate::telemetry::notify_watchdog();
+                }
+            }
             _ = timer => {}
             _ = reloaded => {
                 let Some(load) = &load else { continue };

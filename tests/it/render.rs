@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::support::proc::{cmd, host_args, run};
+use crate::support::proc::{cmd, host_args, registrar, run};
 use crate::support::{Agent, Cluster, eventually};
 
 /// Registers one host one-shot with an http service.
@@ -573,4 +573,47 @@ async fn haproxy_follows_the_registry_with_no_failed_request() {
     assert!(failed.is_empty(), "failed requests: {failed:?}");
     assert!(total > 100, "only {total} requests");
     drop(haproxy);
+}
+
+/// Under systemd: READY=1 only once every template has rendered, then
+/// WATCHDOG=1 from the render loop.
+#[tokio::test]
+async fn render_notifies_ready_after_the_first_render_then_the_watchdog() {
+    let cluster = Cluster::start(1).await;
+    let eps = cluster.endpoint_list();
+    register(&eps, "web", "w1", "10.0.0.1", 8081).await;
+    let d = Dir::new();
+    let t = d.write("t.j2", "{% for h in hosts() %}{{ h.host }}\n{% endfor %}");
+    let cfg = config(&d, &eps, &t, "");
+    let path = d.path("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let mut command = registrar();
+    command
+        .args(["render", "--config"])
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &path);
+    let _render = Agent::spawn_command("render", command);
+    let mut got: Vec<String> = Vec::new();
+    let mut buf = [0u8; 4096];
+    eventually(Duration::from_secs(15), "READY=1 then WATCHDOG=1", || {
+        while let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.contains("READY=1") {
+                // The file is there when READY=1 is sent.
+                assert_eq!(d.read("out.cfg").as_deref(), Some("w1\n"));
+            }
+            got.push(msg);
+        }
+        let ready = got.iter().position(|m| m.contains("READY=1"));
+        let dog = got.iter().rposition(|m| m.contains("WATCHDOG=1"));
+        let state = format!("{got:?}");
+        async move {
+            match (ready, dog) {
+                (Some(r), Some(w)) if w > r => Ok(()),
+                _ => Err(state),
+            }
+        }
+    })
+    .await;
 }
