@@ -617,3 +617,137 @@ async fn render_notifies_ready_after_the_first_render_then_the_watchdog() {
     })
     .await;
 }
+
+/// `wait.min`: a burst of changes is rendered once it is quiet (not once
+/// per change); `wait.max`: changes that never stop are still rendered at
+/// least every `max`. While etcd is down the last file stays.
+#[tokio::test]
+async fn quiescence_batches_bursts_and_bounds_the_delay_and_etcd_down_keeps_the_file() {
+    let mut cluster = Cluster::start(1).await;
+    let eps = cluster.endpoint_list();
+    for i in 0..20 {
+        register(&eps, "web", &format!("w{i:02}"), "10.0.0.1", 8080).await;
+    }
+    let d = Dir::new();
+    let t = d.write(
+        "t.j2",
+        "{% for h in hosts(healthy=true) %}{{ h.host }}\n{% endfor %}",
+    );
+    let metrics_port = crate::support::free_port();
+    let cfg = d.write(
+        "render.yaml",
+        &format!(
+            "endpoints: [{eps}]\nmetrics_listen: 127.0.0.1:{metrics_port}\ntemplates:\n  - source: {}\n    destination: {}\n    wait: {{min: 500ms, max: 2s}}\n",
+            t.display(),
+            d.path("out.cfg").display()
+        ),
+    );
+    let _render = Agent::spawn(
+        "render",
+        &[
+            "render".to_string(),
+            "--config".into(),
+            cfg.to_string_lossy().into_owned(),
+        ],
+    );
+    let renders = || async move {
+        let text =
+            crate::support::etcd::http_get(&format!("http://127.0.0.1:{metrics_port}/metrics"))
+                .await;
+        text.lines()
+            .find(|l| l.starts_with("registrar_render_renders_total"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+    eventually(Duration::from_secs(10), "the first render", || {
+        let text = d.read("out.cfg").unwrap_or_default();
+        async move {
+            if text.lines().count() == 20 {
+                Ok(())
+            } else {
+                Err(text)
+            }
+        }
+    })
+    .await;
+    let before = renders().await;
+
+    // A burst: 20 changes, 20 ms apart (well inside wait.min).
+    let mut c = cluster.client().await;
+    for i in 0..20 {
+        c.put(
+            format!("/infrastructure/dc1/web/w{i:02}/health"),
+            "critical",
+            None,
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eventually(Duration::from_secs(10), "the burst rendered", || {
+        let text = d.read("out.cfg").unwrap_or_default();
+        async move { if text.is_empty() { Ok(()) } else { Err(text) } }
+    })
+    .await;
+    let after_burst = renders().await;
+    assert!(
+        after_burst - before <= 2.0,
+        "a burst of 20 changes took {} renders",
+        after_burst - before
+    );
+
+    // Changes every 200 ms for 5 s never leave 500 ms of quiet: wait.max
+    // (2 s) still renders them.
+    let start = tokio::time::Instant::now();
+    let mut seen_early = false;
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(5) {
+        c.put(
+            format!("/infrastructure/dc1/web/w{:02}/health", i % 20),
+            "passing",
+            None,
+        )
+        .await
+        .unwrap();
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if start.elapsed() < Duration::from_millis(3500)
+            && !d.read("out.cfg").unwrap_or_default().is_empty()
+        {
+            seen_early = true;
+        }
+    }
+    assert!(
+        seen_early,
+        "nothing rendered within wait.max while changes kept coming"
+    );
+
+    // etcd down: the last output stays.
+    eventually(
+        Duration::from_secs(10),
+        "all hosts back in the file",
+        || {
+            let text = d.read("out.cfg").unwrap_or_default();
+            async move {
+                if text.lines().count() == 20 {
+                    Ok(())
+                } else {
+                    Err(text)
+                }
+            }
+        },
+    )
+    .await;
+    let last = d.read("out.cfg");
+    cluster.kill(0);
+    let down = tokio::time::Instant::now();
+    while down.elapsed() < Duration::from_secs(3) {
+        assert_eq!(
+            d.read("out.cfg"),
+            last,
+            "the file changed while etcd was down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

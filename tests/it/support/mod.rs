@@ -40,8 +40,21 @@ where
     }
 }
 
-/// A free TCP port on 127.0.0.1, picked by the kernel.
+/// A free TCP port on 127.0.0.1, picked by the kernel, and never one this
+/// test process handed out before: the kernel may offer a just-released
+/// port again, and a cluster once got the same peer port for two members.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = l.local_addr().expect("local addr").port();
+        let fresh = HANDED_OUT
+            .lock()
+            .map(|mut seen| seen.insert(port))
+            .unwrap_or(true);
+        if fresh {
+            return port;
+        }
+    }
 }
