@@ -115,16 +115,22 @@ async fn proposals(endpoint: &str) -> f64 {
     metric(endpoint, "etcd_server_proposals_committed_total").await
 }
 
-/// One unlabelled counter or gauge from a member's `/metrics`.
-async fn metric(endpoint: &str, name: &str) -> f64 {
+/// A `/metrics` page, or nothing after 5 s: an overloaded member must not
+/// hang the run, and a missing figure reads as 0.
+async fn metrics_text(endpoint: &str) -> String {
     let url = format!("{endpoint}/metrics");
     let fetch = async { reqwest::get(url).await?.text().await };
-    // A missing figure reads as 0; an overloaded member must not hang the run.
-    let text = match tokio::time::timeout(Duration::from_secs(5), fetch).await {
+    match tokio::time::timeout(Duration::from_secs(5), fetch).await {
         Ok(Ok(t)) => t,
         _ => String::new(),
-    };
-    text.lines()
+    }
+}
+
+/// One unlabelled counter or gauge from a `/metrics` page.
+async fn metric(endpoint: &str, name: &str) -> f64 {
+    metrics_text(endpoint)
+        .await
+        .lines()
         .find(|l| l.split_whitespace().next() == Some(name))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
@@ -884,13 +890,9 @@ fn main() {
 
 /// The number of Range requests a member has served.
 async fn range_requests(endpoint: &str) -> f64 {
-    let url = format!("{endpoint}/metrics");
-    let fetch = async { reqwest::get(url).await?.text().await };
-    let text = match tokio::time::timeout(Duration::from_secs(5), fetch).await {
-        Ok(Ok(t)) => t,
-        _ => String::new(),
-    };
-    text.lines()
+    metrics_text(endpoint)
+        .await
+        .lines()
         .filter(|l| {
             l.starts_with("grpc_server_handled_total") && l.contains("grpc_method=\"Range\"")
         })
