@@ -197,6 +197,22 @@ pub fn classify(e: &etcd_client::Error) -> Class {
     }
 }
 
+/// [`classify`], knowing the endpoint: a connection to an `https://`
+/// endpoint that is reset before anything is answered is a TLS handshake
+/// refused (a plain-http etcd resets a ClientHello as often as it closes
+/// it), so it is a TLS failure, not an unreachable etcd.
+pub fn classify_at(endpoint: &str, e: &etcd_client::Error) -> Class {
+    match classify(e) {
+        Class::Retry
+            if endpoint.starts_with("https://")
+                && brief(e).contains("Connection reset by peer") =>
+        {
+            Class::Tls
+        }
+        class => class,
+    }
+}
+
 fn is_tls_failure(text: &str) -> bool {
     let t = text.to_ascii_lowercase();
     ["certificate", "handshake", "unknownissuer", "tls", "x509"]
@@ -217,7 +233,7 @@ pub async fn bounded<T>(
         Ok(Err(cause)) => Err(EtcdError::Call {
             endpoint: endpoint.to_string(),
             what,
-            class: classify(&cause),
+            class: classify_at(endpoint, &cause),
             cause,
         }),
         Err(_) => Err(EtcdError::Timeout {

@@ -104,11 +104,12 @@ fn etcd_failure(e: EtcdError, etcd: &Etcd) -> Failure {
                     "InvalidContentType",
                     "corrupt message",
                     "wrong version",
+                    "Connection reset by peer",
                 ]
                 .iter()
                 .any(|w| text.contains(w));
             let hint = if plain {
-                "the endpoint does not speak TLS: if that etcd serves plain http, give it as http://"
+                "the endpoint does not seem to speak TLS: if that etcd serves plain http, give it as http://"
             } else {
                 "check --cacert (the CA that signed etcd's certificate), --cert and --key"
             };
