@@ -111,8 +111,6 @@ struct Cycle {
     failed: Vec<String>,
     /// Template errors.
     broken: Vec<String>,
-    /// Templates rendered at least once successfully (or unchanged).
-    rendered: usize,
 }
 
 /// Runs `render` until `cancel` (or once).
@@ -209,13 +207,8 @@ pub async fn run(
             _ = timer => {}
             _ = reloaded => {
                 let Some(load) = &load else { continue };
-                match load().and_then(|c| {
-                    if c.templates.is_empty() {
-                        Err(crate::config::ConfigError { problems: vec!["no templates".into()] })
-                    } else {
-                        Ok(c)
-                    }
-                }) {
+                // load_all refuses an empty template list, as at start.
+                match load() {
                     Err(e) => tracing::error!("reload refused, the old configuration stays in force: {e}"),
                     Ok(new) => match load_all(&new) {
                         Err(e) => tracing::error!("reload refused, the old templates stay in force: {e}"),
@@ -287,12 +280,10 @@ async fn render_cycle(
             use std::io::Write;
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
-            cycle.rendered += 1;
             continue;
         }
         if !write::differs(&slot.spec, text.as_bytes()) {
             slot.listed = Some(listed);
-            cycle.rendered += 1;
             continue;
         }
         match write::commit(&slot.spec, text.as_bytes()).await {
@@ -305,7 +296,6 @@ async fn render_cycle(
                     summary(slot.listed.as_ref(), &listed)
                 );
                 slot.listed = Some(listed);
-                cycle.rendered += 1;
                 if let Some(reload) = &slot.spec.reload {
                     reloads
                         .entry(reload.clone())

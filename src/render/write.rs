@@ -129,13 +129,6 @@ pub fn differs(spec: &TemplateSpec, bytes: &[u8]) -> bool {
 /// in place. Returns what was there before, for a restore.
 pub async fn commit(spec: &TemplateSpec, bytes: &[u8]) -> Result<Previous, WriteError> {
     let dest = &spec.destination;
-    let io = |what: &'static str| {
-        move |source: std::io::Error| WriteError::Io {
-            path: dest.clone(),
-            what,
-            source,
-        }
-    };
     let existing = std::fs::metadata(dest).ok();
     let previous = Previous {
         path: dest.clone(),
@@ -143,6 +136,60 @@ pub async fn commit(spec: &TemplateSpec, bytes: &[u8]) -> Result<Previous, Write
         mode: existing
             .as_ref()
             .map_or(0o644, |m| m.permissions().mode() & 0o7777),
+    };
+    let mode = wanted_mode(spec, existing.as_ref());
+    let staged = stage(dest, bytes, mode, spec.owner, spec.group)?;
+    if let Some(check) = &spec.check {
+        let outcome = run_command(check, Some(staged.path()), spec.command_timeout).await;
+        if !outcome.ok {
+            return Err(WriteError::CheckFailed {
+                path: dest.clone(),
+                argv: check.clone(),
+                why: outcome.text.trim().to_string(),
+            });
+        }
+    }
+    place(staged, dest)?;
+    Ok(previous)
+}
+
+/// Puts a previous file back (or removes the new one when there was none).
+pub fn restore(previous: &Previous) -> Result<(), WriteError> {
+    let io = |what: &'static str| {
+        move |source: std::io::Error| WriteError::Io {
+            path: previous.path.clone(),
+            what,
+            source,
+        }
+    };
+    match &previous.bytes {
+        None => {
+            std::fs::remove_file(&previous.path).map_err(io("remove the new file"))?;
+            let dir = previous.path.parent().unwrap_or(Path::new("/"));
+            sync_dir(dir).map_err(io("fsync the directory"))
+        }
+        Some(bytes) => place(
+            stage(&previous.path, bytes, previous.mode, None, None)?,
+            &previous.path,
+        ),
+    }
+}
+
+/// Writes `bytes` to a temp file in `dest`'s directory (the same
+/// filesystem, so the rename is atomic), with its mode and owner, fsynced.
+fn stage(
+    dest: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<u32>,
+    group: Option<u32>,
+) -> Result<tempfile::NamedTempFile, WriteError> {
+    let io = |what: &'static str| {
+        move |source: std::io::Error| WriteError::Io {
+            path: dest.to_path_buf(),
+            what,
+            source,
+        }
     };
     let dir = dest.parent().unwrap_or(Path::new("/"));
     let mut staged = tempfile::Builder::new()
@@ -158,73 +205,32 @@ pub async fn commit(spec: &TemplateSpec, bytes: &[u8]) -> Result<Previous, Write
     staged
         .write_all(bytes)
         .map_err(io("write the staged file"))?;
-    let mode = wanted_mode(spec, existing.as_ref());
     std::fs::set_permissions(staged.path(), std::fs::Permissions::from_mode(mode))
         .map_err(io("set the staged file's mode"))?;
-    if spec.owner.is_some() || spec.group.is_some() {
-        std::os::unix::fs::chown(staged.path(), spec.owner, spec.group)
+    if owner.is_some() || group.is_some() {
+        std::os::unix::fs::chown(staged.path(), owner, group)
             .map_err(io("set the staged file's owner"))?;
     }
     staged
         .as_file()
         .sync_all()
         .map_err(io("fsync the staged file"))?;
-    if let Some(check) = &spec.check {
-        let outcome = run_command(check, Some(staged.path()), spec.command_timeout).await;
-        if !outcome.ok {
-            return Err(WriteError::CheckFailed {
-                path: dest.clone(),
-                argv: check.clone(),
-                why: outcome.text.trim().to_string(),
-            });
-        }
-    }
+    Ok(staged)
+}
+
+/// Renames a staged file over `dest` and fsyncs the directory.
+fn place(staged: tempfile::NamedTempFile, dest: &Path) -> Result<(), WriteError> {
     staged.persist(dest).map_err(|e| WriteError::Io {
-        path: dest.clone(),
+        path: dest.to_path_buf(),
         what: "rename the staged file into place",
         source: e.error,
     })?;
-    sync_dir(dir).map_err(io("fsync the directory"))?;
-    Ok(previous)
-}
-
-/// Puts a previous file back (or removes the new one when there was none).
-pub fn restore(previous: &Previous) -> Result<(), WriteError> {
-    let io = |what: &'static str| {
-        move |source: std::io::Error| WriteError::Io {
-            path: previous.path.clone(),
-            what,
-            source,
-        }
-    };
-    let dir = previous.path.parent().unwrap_or(Path::new("/"));
-    match &previous.bytes {
-        None => std::fs::remove_file(&previous.path).map_err(io("remove the new file"))?,
-        Some(bytes) => {
-            let mut staged = tempfile::Builder::new()
-                .prefix(".restore.")
-                .tempfile_in(dir)
-                .map_err(io("stage the previous file"))?;
-            staged
-                .write_all(bytes)
-                .map_err(io("write the previous file"))?;
-            std::fs::set_permissions(
-                staged.path(),
-                std::fs::Permissions::from_mode(previous.mode),
-            )
-            .map_err(io("set the previous file's mode"))?;
-            staged
-                .as_file()
-                .sync_all()
-                .map_err(io("fsync the previous file"))?;
-            staged.persist(&previous.path).map_err(|e| WriteError::Io {
-                path: previous.path.clone(),
-                what: "rename the previous file into place",
-                source: e.error,
-            })?;
-        }
-    }
-    sync_dir(dir).map_err(io("fsync the directory"))
+    let dir = dest.parent().unwrap_or(Path::new("/"));
+    sync_dir(dir).map_err(|source| WriteError::Io {
+        path: dest.to_path_buf(),
+        what: "fsync the directory",
+        source,
+    })
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
