@@ -67,6 +67,8 @@ pub enum AgentError {
     },
     #[error("the check composer failed: {0}")]
     Composer(String),
+    #[error("the writer task failed: {0}")]
+    Writer(String),
 }
 
 impl AgentError {
@@ -75,7 +77,7 @@ impl AgentError {
         match self {
             AgentError::Session(SessionError(e)) => Some(e.class()),
             AgentError::Register(e) => Some(e.class()),
-            AgentError::Listen { .. } | AgentError::Composer(_) => None,
+            AgentError::Listen { .. } | AgentError::Composer(_) | AgentError::Writer(_) => None,
         }
     }
 }
@@ -212,6 +214,6 @@ fn writer_result(
 ) -> Result<(), AgentError> {
     match joined {
         Ok(r) => r.map_err(AgentError::from),
-        Err(e) => Err(AgentError::Composer(format!("the writer task failed: {e}"))),
+        Err(e) => Err(AgentError::Writer(e.to_string())),
     }
 }
