@@ -311,9 +311,12 @@ impl Etcd {
     /// refusing a TLS client without a certificate: with TLS 1.3 that shows
     /// up only as the connection being closed after the handshake.
     pub fn looks_like_missing_client_cert(&self, e: &EtcdError) -> bool {
-        let text = e.to_string();
+        // The whole chain: the brief message may show only its last link.
+        let text = e.detail();
         self.tls_without_identity
-            && (text.contains("connection closed") || text.contains("operation was canceled"))
+            && ["connection closed", "operation was canceled", "broken pipe"]
+                .iter()
+                .any(|w| text.contains(w))
     }
 
     pub fn endpoints(&self) -> &[String] {
