@@ -240,22 +240,8 @@ pub enum LogFormat {
 /// Flags shared by every command that talks to etcd or describes this host.
 #[derive(Debug, Args, Default, Clone)]
 pub struct Common {
-    /// YAML config file (see README "Configuration"). Flags and environment override it.
-    #[arg(long, env = "REGISTRAR_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-
-    /// etcd endpoints, comma separated [default: http://127.0.0.1:2379; also ETCDCTL_ENDPOINTS].
-    #[arg(
-        long,
-        env = "REGISTRAR_ENDPOINTS",
-        value_delimiter = ',',
-        value_name = "URLS"
-    )]
-    pub endpoints: Vec<String>,
-
-    /// Registry prefix [default: /infrastructure].
-    #[arg(long, env = "REGISTRAR_PREFIX")]
-    pub prefix: Option<String>,
+    #[command(flatten)]
+    pub connection: Connection,
 
     /// Datacenter segment of the keys, e.g. `dc1`.
     #[arg(long, env = "REGISTRAR_DC")]
@@ -302,6 +288,46 @@ pub struct Common {
     #[arg(long, env = "REGISTRAR_MACHINE_ID", value_name = "ID")]
     pub machine_id: Option<String>,
 
+    /// Directory for persistent state (a generated machine id) [default: /var/lib/registrar].
+    #[arg(long, env = "REGISTRAR_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// A service port to publish, as NAME=PORT; repeatable.
+    #[arg(
+        long = "service",
+        env = "REGISTRAR_SERVICES",
+        value_delimiter = ',',
+        value_name = "NAME=PORT"
+    )]
+    pub services: Vec<String>,
+
+    /// A meta key to publish, as KEY=VALUE; repeatable.
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    pub meta: Vec<String>,
+}
+
+/// How to reach etcd and where the registry is: the flags of every command
+/// that talks to etcd, `dns` included (which takes none of [`Common`]'s
+/// host flags, and whose `--ttl` is the answers' TTL, not the lease's).
+#[derive(Debug, Args, Default, Clone)]
+pub struct Connection {
+    /// YAML config file (see README "Configuration"). Flags and environment override it.
+    #[arg(long, env = "REGISTRAR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// etcd endpoints, comma separated [default: http://127.0.0.1:2379; also ETCDCTL_ENDPOINTS].
+    #[arg(
+        long,
+        env = "REGISTRAR_ENDPOINTS",
+        value_delimiter = ',',
+        value_name = "URLS"
+    )]
+    pub endpoints: Vec<String>,
+
+    /// Registry prefix [default: /infrastructure].
+    #[arg(long, env = "REGISTRAR_PREFIX")]
+    pub prefix: Option<String>,
+
     /// CA bundle to verify etcd's certificate [also ETCDCTL_CACERT].
     #[arg(long, env = "REGISTRAR_CACERT", value_name = "FILE")]
     pub cacert: Option<PathBuf>,
@@ -322,26 +348,9 @@ pub struct Common {
     #[arg(long, env = "REGISTRAR_PASSWORD_FILE", value_name = "FILE")]
     pub password_file: Option<PathBuf>,
 
-    /// Directory for persistent state (a generated machine id) [default: /var/lib/registrar].
-    #[arg(long, env = "REGISTRAR_STATE_DIR", value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-
     /// Log format on stderr [default: text].
     #[arg(long, env = "REGISTRAR_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
-
-    /// A service port to publish, as NAME=PORT; repeatable.
-    #[arg(
-        long = "service",
-        env = "REGISTRAR_SERVICES",
-        value_delimiter = ',',
-        value_name = "NAME=PORT"
-    )]
-    pub services: Vec<String>,
-
-    /// A meta key to publish, as KEY=VALUE; repeatable.
-    #[arg(long = "meta", value_name = "KEY=VALUE")]
-    pub meta: Vec<String>,
 
     /// Timeout of each etcd request [default: 5s].
     #[arg(long, env = "REGISTRAR_REQUEST_TIMEOUT", value_parser = parse_duration)]

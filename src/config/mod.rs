@@ -171,7 +171,7 @@ impl Config {
     /// Loads and validates the configuration from flags, environment and the
     /// optional config file. Touches nothing but the config and password files.
     pub fn load(flags: &Common, env: &Env) -> Result<Config, ConfigError> {
-        let (raw, file) = match &flags.config {
+        let (raw, file) = match &flags.connection.config {
             Some(path) => {
                 let text = raw::read_config_file(path)?;
                 let raw = raw::parse_yaml(path, &text)?;

@@ -150,7 +150,7 @@ fn connection(
     let etcdctl = |name: &str| env.get(name).filter(|v| !v.is_empty()).cloned();
     let endpoints = pick(vec![
         (
-            (!flags.endpoints.is_empty()).then(|| flags.endpoints.clone()),
+            (!flags.connection.endpoints.is_empty()).then(|| flags.connection.endpoints.clone()),
             Origin::Flag("endpoints".into()),
         ),
         (
@@ -171,9 +171,9 @@ fn connection(
             (raw.clone(), file_origin(name)),
         ])
     };
-    let cacert = path_opt(&flags.cacert, "cacert", "ETCDCTL_CACERT", &raw.cacert);
-    let cert = path_opt(&flags.cert, "cert", "ETCDCTL_CERT", &raw.cert);
-    let key = path_opt(&flags.key, "key", "ETCDCTL_KEY", &raw.key);
+    let cacert = path_opt(&flags.connection.cacert, "cacert", "ETCDCTL_CACERT", &raw.cacert);
+    let cert = path_opt(&flags.connection.cert, "cert", "ETCDCTL_CERT", &raw.cert);
+    let key = path_opt(&flags.connection.key, "key", "ETCDCTL_KEY", &raw.key);
     for (name, v) in [("cacert", &cacert), ("cert", &cert), ("key", &key)] {
         if let Some((path, origin)) = v
             && !path.is_file()
@@ -217,13 +217,13 @@ fn connection(
     });
 
     let user = pick(vec![
-        (flags.user.clone(), Origin::Flag("user".into())),
+        (flags.connection.user.clone(), Origin::Flag("user".into())),
         (etcdctl("ETCDCTL_USER"), Origin::Env("ETCDCTL_USER".into())),
         (raw.user.clone(), file_origin("user")),
     ]);
     let password_file = pick(vec![
         (
-            flags.password_file.clone(),
+            flags.connection.password_file.clone(),
             Origin::Flag("password-file".into()),
         ),
         (raw.password_file.clone(), file_origin("password_file")),
@@ -245,7 +245,7 @@ fn connection(
     let request_timeout = duration_field(
         p,
         "request_timeout",
-        flags.request_timeout,
+        flags.connection.request_timeout,
         "request-timeout",
         &raw.request_timeout,
         DEFAULT_REQUEST_TIMEOUT,
@@ -253,7 +253,7 @@ fn connection(
     let connect_timeout = duration_field(
         p,
         "connect_timeout",
-        flags.connect_timeout,
+        flags.connection.connect_timeout,
         "connect-timeout",
         &raw.connect_timeout,
         DEFAULT_CONNECT_TIMEOUT,
@@ -289,7 +289,7 @@ struct Placement {
 
 fn identity(p: &mut Problems, flags: &Common, raw: &RawConfig) -> Placement {
     let (prefix, origin) = pick(vec![
-        (flags.prefix.clone(), Origin::Flag("prefix".into())),
+        (flags.connection.prefix.clone(), Origin::Flag("prefix".into())),
         (raw.prefix.clone(), file_origin("prefix")),
     ])
     .unwrap_or((DEFAULT_PREFIX.to_string(), Origin::Default));
@@ -361,6 +361,7 @@ fn identity(p: &mut Problems, flags: &Common, raw: &RawConfig) -> Placement {
         .or(raw.state_dir.clone())
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let log_format = flags
+        .connection
         .log_format
         .or(raw.log_format)
         .unwrap_or(LogFormat::Text);
@@ -435,7 +436,7 @@ fn reporting(p: &mut Problems, flags: &Common, raw: &RawConfig) -> Reports {
 
     let metrics_listen = match pick(vec![
         (
-            flags.metrics_listen.clone(),
+            flags.connection.metrics_listen.clone(),
             Origin::Flag("metrics-listen".into()),
         ),
         (raw.metrics_listen.clone(), file_origin("metrics_listen")),

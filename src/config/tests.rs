@@ -4,10 +4,8 @@ use std::io::Write;
 fn load_yaml(yaml: &str, flags: Common) -> Result<Config, ConfigError> {
     let mut f = tempfile::NamedTempFile::new().unwrap();
     f.write_all(yaml.as_bytes()).unwrap();
-    let flags = Common {
-        config: Some(f.path().to_path_buf()),
-        ..flags
-    };
+    let mut flags = flags;
+    flags.connection.config = Some(f.path().to_path_buf());
     Config::load(&flags, &Env::new())
 }
 
@@ -36,18 +34,16 @@ fn flags_beat_etcdctl_env_beats_file() {
         .unwrap();
     let mut env = Env::new();
     env.insert("ETCDCTL_ENDPOINTS".into(), "http://env:2379".into());
-    let flags = Common {
-        config: Some(f.path().to_path_buf()),
-        ..Common::default()
-    };
+    let mut flags = Common::default();
+    flags.connection.config = Some(f.path().to_path_buf());
     let c = Config::load(&flags, &env).unwrap();
     assert_eq!(c.etcd.endpoints, ["http://env:2379"]);
     assert_eq!(c.dc.as_deref(), Some("filedc"));
-    let flags = Common {
-        endpoints: vec!["http://flag:2379".into()],
+    let mut flags = Common {
         dc: Some("flagdc".into()),
         ..flags
     };
+    flags.connection.endpoints = vec!["http://flag:2379".into()];
     let c = Config::load(&flags, &env).unwrap();
     assert_eq!(c.etcd.endpoints, ["http://flag:2379"]);
     assert_eq!(c.dc.as_deref(), Some("flagdc"));
@@ -194,11 +190,11 @@ fn txn_limit_is_checked_at_load() {
 
 #[test]
 fn password_never_in_debug_or_display() {
-    let flags = Common {
-        user: Some("root:s3cr3t-pw".into()),
+    let mut flags = Common {
         dc: Some("a".into()),
         ..Common::default()
     };
+    flags.connection.user = Some("root:s3cr3t-pw".into());
     let c = Config::load(&flags, &Env::new()).unwrap();
     assert!(!format!("{c:?}").contains("s3cr3t-pw"));
     assert!(!c.to_display_yaml().contains("s3cr3t-pw"));

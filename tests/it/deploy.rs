@@ -562,10 +562,8 @@ fn units_bundle_and_compose_agree() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.yaml");
         std::fs::write(&f, text).unwrap();
-        let flags = registrar::cli::Common {
-            config: Some(f),
-            ..Default::default()
-        };
+        let mut flags = registrar::cli::Common::default();
+        flags.connection.config = Some(f);
         match registrar::config::Config::load(&flags, &Default::default()) {
             Ok(_) => {}
             Err(e) => assert!(
