@@ -70,6 +70,16 @@ pub enum Command {
     /// atomically and reloaded (see README "Rendering configs"). SIGHUP
     /// re-reads the config and the templates.
     Render(RenderArgs),
+    /// Answer DNS from the registry: host and role A/AAAA, SRV per service.
+    ///
+    /// Names under --domain: `<host>.<role>.<dc>` (that host's address),
+    /// `<role>.<dc>` (the role's healthy hosts, shuffled) and
+    /// `_<service>._tcp.<role>.<dc>` (SRV, so `etcd --discovery-srv
+    /// <role>.<dc>.<domain>` can bootstrap). One watch feeds the answers: no
+    /// etcd request per query. `srv_min: {etcd.dc1: 3}` in the config file
+    /// withholds SRV answers until 3 healthy hosts publish the service. See
+    /// README "DNS".
+    Dns(DnsArgs),
     /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
     ///
     /// e.g. `registrar completions bash > /etc/bash_completion.d/registrar`
@@ -145,6 +155,36 @@ pub struct RenderArgs {
     pub timeout: Duration,
     #[command(flatten)]
     pub common: Common,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DnsArgs {
+    /// Address to serve UDP and TCP on, e.g. 127.0.0.1:8600 or [::1]:53; repeatable.
+    #[arg(
+        long = "listen",
+        env = "REGISTRAR_DNS_LISTEN",
+        value_delimiter = ',',
+        value_parser = parse_listen,
+        required = true,
+        value_name = "ADDR:PORT"
+    )]
+    pub listen: Vec<std::net::SocketAddr>,
+    /// The zone answered; names outside it are REFUSED.
+    #[arg(
+        long,
+        env = "REGISTRAR_DNS_DOMAIN",
+        default_value = "registry.internal",
+        value_parser = parse_domain
+    )]
+    pub domain: String,
+    /// TTL of answers and of negative caching (NXDOMAIN), in whole seconds.
+    #[arg(long = "ttl", env = "REGISTRAR_DNS_TTL", default_value = "5s", value_parser = parse_dns_ttl, value_name = "DURATION")]
+    pub answer_ttl: Duration,
+    /// Role and SRV answers include hosts whose health is `warning`.
+    #[arg(long, env = "REGISTRAR_DNS_ALLOW_WARNING", action = clap::ArgAction::SetTrue, value_parser = env_bool_allow_warning)]
+    pub allow_warning: bool,
+    #[command(flatten)]
+    pub connection: Connection,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -412,6 +452,66 @@ fn env_bool_keep_alive(s: &str) -> Result<bool, String> {
 
 fn env_bool_ipv6(s: &str) -> Result<bool, String> {
     env_bool("REGISTRAR_IPV6", s)
+}
+
+fn env_bool_allow_warning(s: &str) -> Result<bool, String> {
+    env_bool("REGISTRAR_DNS_ALLOW_WARNING", s)
+}
+
+/// `dns --listen`: an address and a port.
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!("{s:?} is not ADDR:PORT; write it like 127.0.0.1:8600, 0.0.0.0:53 or [::1]:53")
+    })
+}
+
+/// `dns --domain`: a DNS name of one or more labels (1 to 63 letters,
+/// digits, `-` or `_` each), kept in lower case without the final dot.
+fn parse_domain(s: &str) -> Result<String, String> {
+    let name = s.trim().trim_end_matches('.').to_ascii_lowercase();
+    if name.is_empty() {
+        return Err("is empty; give a zone such as registry.internal".into());
+    }
+    if name.len() > 200 {
+        return Err(format!(
+            "{s:?} is {} characters long; keep the zone under 200 so that host names fit in 255",
+            name.len()
+        ));
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!(
+                "{s:?} has a label of {} characters; each must have 1 to 63",
+                label.len()
+            ));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        {
+            return Err(format!(
+                "{s:?} contains {c:?}; a zone has letters, digits, '-' and '_' between dots"
+            ));
+        }
+    }
+    Ok(name)
+}
+
+/// `dns --ttl`: whole seconds, at most a day (answers follow health, so a
+/// long TTL keeps sending clients to hosts that failed).
+fn parse_dns_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!(
+            "{s:?} is not a whole number of seconds; DNS TTLs are seconds"
+        ));
+    }
+    if d > Duration::from_secs(86_400) {
+        return Err(format!(
+            "{s:?} is more than a day; answers follow health, give a few seconds (default 5s)"
+        ));
+    }
+    Ok(d)
 }
 
 fn env_bool_allow_loopback(s: &str) -> Result<bool, String> {

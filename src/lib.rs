@@ -35,6 +35,7 @@ pub mod check;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod dns;
 pub mod error;
 pub mod etcd;
 pub mod identity;

@@ -26,6 +26,18 @@ pub fn init_logging(format: LogFormat, env: &Env) {
         },
         None => (default, None),
     };
+    // The DNS library logs every query at info: warnings only, unless
+    // REGISTRAR_LOG names it.
+    let quiet = env
+        .get("REGISTRAR_LOG")
+        .is_none_or(|text| !text.contains("hickory"));
+    let filter = if quiet {
+        ["hickory_server", "hickory_proto", "hickory_net"]
+            .into_iter()
+            .fold(filter, |f, target| f.with_target(target, LevelFilter::WARN))
+    } else {
+        filter
+    };
     let layer = fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);

@@ -6,6 +6,7 @@
 
 mod check_config;
 mod deregister;
+mod dns;
 mod ls;
 mod maintenance;
 mod register;
@@ -13,6 +14,7 @@ mod render;
 mod wait;
 mod watch;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -252,26 +254,30 @@ pub fn generated(cli: &Cli) -> Option<Result<Vec<u8>, Failure>> {
     }
 }
 
-/// The common part of the flags of any command.
-fn common(cli: &Cli) -> &Common {
-    static NONE: std::sync::OnceLock<Common> = std::sync::OnceLock::new();
+/// The common part of the flags of any command (`dns` has only the
+/// connection part; it describes no host).
+fn common(cli: &Cli) -> Cow<'_, Common> {
     match &cli.command {
-        Command::Completions { .. } | Command::Man => NONE.get_or_init(Common::default),
-        Command::Agent(a) => &a.common,
-        Command::Register(r) => &r.one_shot.common,
-        Command::Deregister(d) => &d.common,
-        Command::CheckConfig(c) => &c.common,
-        Command::Maintenance(m) => m.action.common(),
-        Command::Ls(l) => &l.one_shot.common,
-        Command::Watch(w) => &w.common,
-        Command::Wait(w) => &w.common,
-        Command::Render(r) => &r.common,
+        Command::Completions { .. } | Command::Man => Cow::Owned(Common::default()),
+        Command::Dns(d) => Cow::Owned(Common {
+            connection: d.connection.clone(),
+            ..Common::default()
+        }),
+        Command::Agent(a) => Cow::Borrowed(&a.common),
+        Command::Register(r) => Cow::Borrowed(&r.one_shot.common),
+        Command::Deregister(d) => Cow::Borrowed(&d.common),
+        Command::CheckConfig(c) => Cow::Borrowed(&c.common),
+        Command::Maintenance(m) => Cow::Borrowed(m.action.common()),
+        Command::Ls(l) => Cow::Borrowed(&l.one_shot.common),
+        Command::Watch(w) => Cow::Borrowed(&w.common),
+        Command::Wait(w) => Cow::Borrowed(&w.common),
+        Command::Render(r) => Cow::Borrowed(&r.common),
     }
 }
 
 /// Loads and validates the configuration for `cli`.
 pub fn load_config(cli: &Cli, env: &Env) -> Result<Config, Failure> {
-    Ok(Config::load(common(cli), env)?)
+    Ok(Config::load(&common(cli), env)?)
 }
 
 /// Everything a registering command needs, resolved before any network call.
@@ -326,6 +332,7 @@ pub async fn run(cli: Cli, config: Config, control: Control) -> Result<(), Failu
         Command::Watch(args) => watch::run(&config, &args, &cancel).await,
         Command::Wait(args) => wait::run(&config, &args, &cancel).await,
         Command::Render(args) => render::run(config, &args, control).await,
+        Command::Dns(args) => dns::run(config, &args, control).await,
         // Handled by `generated` before any config is loaded.
         Command::Completions { .. } | Command::Man => Ok(()),
     }

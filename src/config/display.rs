@@ -35,6 +35,8 @@ impl Config {
             output_refresh: String,
             checks: Vec<BTreeMap<&'static str, String>>,
             metrics_listen: Option<String>,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            srv_min: &'a BTreeMap<String, usize>,
         }
         let address = match &self.address {
             AddressChoice::Explicit(ip) => format!("ip {ip}"),
@@ -74,6 +76,7 @@ impl Config {
             output_refresh: humantime::format_duration(self.output_refresh).to_string(),
             checks: self.checks.iter().map(check_display).collect(),
             metrics_listen: self.metrics_listen.map(|a| a.to_string()),
+            srv_min: &self.srv_min,
         };
         serde_yaml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }

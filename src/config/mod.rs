@@ -127,6 +127,9 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The templates of `registrar render`.
     pub templates: Vec<TemplateSpec>,
+    /// `registrar dns`'s quorum gate: `<role>.<dc>` (lower case, as the DNS
+    /// name spells it) → healthy hosts needed before SRV answers are served.
+    pub srv_min: BTreeMap<String, usize>,
     /// The file the config came from, for messages and reload.
     pub source: Option<PathBuf>,
     /// Things worth a warning that do not make the config invalid (logged

@@ -69,6 +69,9 @@ pub struct RawConfig {
     pub output_refresh: Option<RawDuration>,
     /// Files `registrar render` keeps in step with the registry.
     pub templates: Option<Vec<RawTemplate>>,
+    /// `registrar dns`'s quorum gate: `<role>.<dc>` → the number of healthy
+    /// hosts that must publish a service before its SRV records are served.
+    pub srv_min: Option<BTreeMap<String, i64>>,
 }
 
 /// One template of `registrar render` (contract section 6).

@@ -125,6 +125,7 @@ pub(super) fn merge(
         output_refresh: reports.output_refresh,
         metrics_listen: reports.metrics_listen,
         templates: templates_field(&mut p, raw.templates.as_deref().unwrap_or_default()),
+        srv_min: srv_min_field(&mut p, raw.srv_min.as_ref()),
         source: file.map(|f| f.path.clone()),
         warnings,
     };
@@ -171,7 +172,12 @@ fn connection(
             (raw.clone(), file_origin(name)),
         ])
     };
-    let cacert = path_opt(&flags.connection.cacert, "cacert", "ETCDCTL_CACERT", &raw.cacert);
+    let cacert = path_opt(
+        &flags.connection.cacert,
+        "cacert",
+        "ETCDCTL_CACERT",
+        &raw.cacert,
+    );
     let cert = path_opt(&flags.connection.cert, "cert", "ETCDCTL_CERT", &raw.cert);
     let key = path_opt(&flags.connection.key, "key", "ETCDCTL_KEY", &raw.key);
     for (name, v) in [("cacert", &cacert), ("cert", &cert), ("key", &key)] {
@@ -289,7 +295,10 @@ struct Placement {
 
 fn identity(p: &mut Problems, flags: &Common, raw: &RawConfig) -> Placement {
     let (prefix, origin) = pick(vec![
-        (flags.connection.prefix.clone(), Origin::Flag("prefix".into())),
+        (
+            flags.connection.prefix.clone(),
+            Origin::Flag("prefix".into()),
+        ),
         (raw.prefix.clone(), file_origin("prefix")),
     ])
     .unwrap_or((DEFAULT_PREFIX.to_string(), Origin::Default));

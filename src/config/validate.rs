@@ -734,3 +734,45 @@ pub(super) fn templates_field(p: &mut Problems, raw: &[super::RawTemplate]) -> V
     }
     out
 }
+
+/// `srv_min`, validated: each key is `<role>.<dc>` made of valid segments,
+/// each value a whole number of hosts from 1 up.
+pub(super) fn srv_min_field(
+    p: &mut Problems,
+    raw: Option<&BTreeMap<String, i64>>,
+) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for (name, value) in raw.into_iter().flatten() {
+        let at = Origin::File(vec!["srv_min".into(), name.clone()]);
+        let field = format!("srv_min[{name}]");
+        let parts: Vec<&str> = name.split('.').collect();
+        if parts.len() < 2 {
+            p.push(
+                &at,
+                &field,
+                format_args!("{name:?} is not <role>.<dc>, e.g. etcd.dc1"),
+            );
+            continue;
+        }
+        if let Some((part, e)) = parts
+            .iter()
+            .find_map(|s| crate::layout::validate_segment(s).err().map(|e| (s, e)))
+        {
+            p.push(&at, &field, format_args!("{name:?}: {part:?} {e}"));
+            continue;
+        }
+        match usize::try_from(*value) {
+            Ok(n) if n >= 1 => {
+                out.insert(name.to_ascii_lowercase(), n);
+            }
+            _ => p.push(
+                &at,
+                &field,
+                format_args!(
+                    "{value} is not a number of hosts; give 1 or more, e.g. `etcd.dc1: 3`"
+                ),
+            ),
+        }
+    }
+    out
+}

@@ -103,15 +103,14 @@ impl<'a> Follower<'a> {
             return Ok(b);
         }
         loop {
-            let mut stream = match self.stream.take() {
-                Some(s) => s,
-                None => match self.open().await {
+            if self.stream.is_none() {
+                match self.open().await {
                     Ok(s) => {
                         self.rotation.opened();
                         if let Some(ended) = self.outage.recovered() {
                             tracing::info!("watching the registry again {}", ended.describe());
                         }
-                        s
+                        self.stream = Some(s);
                     }
                     Err(e) if e.class().fails_over() => {
                         self.outage.failed(&e);
@@ -120,7 +119,13 @@ impl<'a> Follower<'a> {
                         continue;
                     }
                     Err(e) => return Err(e),
-                },
+                }
+            }
+            // The stream stays in `self` while this waits, so dropping this
+            // future (render and dns poll it inside select!) keeps the watch;
+            // tonic's `message()` keeps its state in the stream.
+            let Some(stream) = self.stream.as_mut() else {
+                continue;
             };
             let msg = stream.message().await;
             let resp = match msg {
@@ -130,6 +135,7 @@ impl<'a> Follower<'a> {
                         endpoint = self.etcd.endpoint(self.rotation.endpoint()),
                         "watch stream lost; resuming"
                     );
+                    self.stream = None;
                     self.rotation.failed(self.etcd);
                     continue;
                 }
@@ -144,7 +150,11 @@ impl<'a> Follower<'a> {
                     || (h.revision() > 0 && h.revision() < self.revision)
             });
             if behind || resp.compact_revision() > 0 {
-                // Our history is gone: diff a fresh snapshot against what we had.
+                // Our history is gone: diff a fresh snapshot against what we
+                // had. The stream goes first, so that a re-read dropped half
+                // way starts over from a new watch rather than waiting on
+                // this one.
+                self.stream = None;
                 let (old_revision, old_cluster) = (self.revision, self.cluster_id);
                 // A clone, not a take: this future may be dropped during the
                 // re-read (render and watch poll it in a select!), and the
@@ -185,7 +195,6 @@ impl<'a> Follower<'a> {
                         changes.push((id.clone(), before.cloned(), after.cloned()));
                     }
                 }
-                self.stream = None;
                 if !changes.is_empty() {
                     return Ok(Batch {
                         revision: self.revision,
@@ -264,7 +273,6 @@ impl<'a> Follower<'a> {
                 // A progress notification: nothing is pending below it.
                 self.revision = self.revision.max(h.revision());
             }
-            self.stream = Some(stream);
             if let Some(b) = self.pending.pop_front() {
                 return Ok(b);
             }

@@ -1,0 +1,71 @@
+//! `registrar dns`: see [`crate::dns`]. Here: the flags, the sockets and
+//! exit codes.
+
+use super::{Control, Failure, etcd_failure, exit};
+use crate::cli::DnsArgs;
+use crate::config::Config;
+use crate::dns::{Settings, Sockets};
+use crate::etcd::Etcd;
+
+pub async fn run(config: Config, args: &DnsArgs, control: Control) -> Result<(), Failure> {
+    let domain =
+        hickory_server::proto::rr::Name::from_ascii(format!("{}.", args.domain)).map_err(|e| {
+            Failure::new(
+                exit::USAGE,
+                anyhow::anyhow!("--domain {:?} is not a DNS name: {e}", args.domain),
+            )
+        })?;
+    let settings = Settings {
+        domain,
+        // parse_dns_ttl keeps it to whole seconds, at most a day.
+        ttl: u32::try_from(args.answer_ttl.as_secs()).unwrap_or(86_400),
+        allow_warning: args.allow_warning,
+        srv_min: config.srv_min.clone(),
+    };
+    let etcd = Etcd::new(&config.etcd).map_err(|e| Failure::new(exit::DENIED, e))?;
+    let sockets = Sockets::bind(&args.listen).await.map_err(|e| {
+        if e.source.kind() == std::io::ErrorKind::PermissionDenied {
+            Failure::new(
+                exit::DENIED,
+                anyhow::anyhow!(
+                    "{e}; ports below 1024 need CAP_NET_BIND_SERVICE (registrar-dns.service grants it) \
+                     or root, or serve a high port such as 8600 behind a resolver"
+                ),
+            )
+        } else {
+            // Busy: a runtime condition (exit 1), so systemd retries.
+            Failure::new(exit::RUNTIME, e)
+        }
+    })?;
+    for addr in sockets.local_addrs() {
+        tracing::info!(%addr, domain = %args.domain, "serving DNS (UDP and TCP)");
+    }
+    let metrics = crate::telemetry::DnsMetrics::new();
+    let serving = control.cancel.child_token();
+    let _stop_serving = serving.clone().drop_guard();
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            Failure::new(
+                exit::RUNTIME,
+                anyhow::anyhow!("metrics_listen: cannot listen on {addr}: {e}"),
+            )
+        })?;
+        tracing::info!(%addr, "serving /metrics and /health");
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::telemetry::serve(listener, m, serving).await {
+                tracing::error!(error = %e, "the metrics server failed");
+            }
+        });
+    }
+    crate::dns::run(
+        &config.prefix,
+        &etcd,
+        settings,
+        sockets,
+        &control.cancel,
+        &metrics,
+    )
+    .await
+    .map_err(|e| etcd_failure(e, &etcd))
+}
