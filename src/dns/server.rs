@@ -53,12 +53,26 @@ impl Handler {
             .queries
             .get_or_create(&QueryLabels {
                 qtype,
-                rcode: info.response_code.to_str(),
+                rcode: rcode_label(info.response_code),
             })
             .inc();
         self.metrics
             .answer_seconds
             .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// The rcode as DNS tools print it (dig's `status:`).
+fn rcode_label(rcode: ResponseCode) -> &'static str {
+    match rcode {
+        ResponseCode::NoError => "NOERROR",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::ServFail => "SERVFAIL",
+        ResponseCode::Refused => "REFUSED",
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::NotImp => "NOTIMP",
+        ResponseCode::BADVERS => "BADVERS",
+        _ => "OTHER",
     }
 }
 

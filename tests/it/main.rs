@@ -7,6 +7,7 @@ mod agent;
 mod checks;
 mod consumers;
 mod deploy;
+mod dns;
 mod etcd_errors;
 mod faults;
 mod lease_session;

@@ -340,6 +340,20 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no watch stream counter in etcd's metrics:\n{text}"))
     }
 
+    /// How many unary requests of `method` (e.g. "Range") member `i` has
+    /// answered, whatever their result, from its metrics.
+    pub async fn requests_handled(&self, i: usize, method: &str) -> u64 {
+        let url = format!("{}/metrics", self.members[i].endpoint());
+        let text = http_get(&url).await;
+        text.lines()
+            .filter(|l| {
+                l.starts_with("grpc_server_handled_total")
+                    && l.contains(&format!("grpc_method=\"{method}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Kills a single-member cluster, deletes its data and starts it afresh
     /// on the same addresses: what a consumer sees of a restore to an empty
     /// snapshot or of a replaced cluster. Waits until it serves.
