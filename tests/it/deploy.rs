@@ -400,6 +400,10 @@ fn unit_files_pass_systemd_analyze_verify() {
             repo("systemd/registrar-render.service"),
         ),
         (
+            "registrar-dns.service",
+            repo("systemd/registrar-dns.service"),
+        ),
+        (
             "cc-registrar.service",
             cc_unit
                 .replace("Requires=registrar-install.service\n", "")
@@ -727,7 +731,8 @@ fn install_deps_decides_by_files_not_commands() {
     assert_eq!(code, 0);
     assert_eq!(
         out.trim(),
-        "would install: protobuf-compiler libprotobuf-dev etcd-server etcd-client haproxy jq systemd"
+        "would install: protobuf-compiler libprotobuf-dev etcd-server etcd-client haproxy jq systemd \
+         bind9-dnsutils iproute2 util-linux"
     );
 
     // A misspelt group is an error that names the known ones.
