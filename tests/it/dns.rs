@@ -683,6 +683,39 @@ async fn bad_flags_config_and_busy_ports_are_refused_clearly() {
         r.stderr
     );
 
+    // Port 53 as a user without CAP_NET_BIND_SERVICE: exit 77 with the way
+    // out. In a fresh network namespace, where ports below 1024 are
+    // privileged whatever the host's sysctl says.
+    let out = tokio::process::Command::new("unshare")
+        .args([
+            "--net",
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+        ])
+        .arg(env!("CARGO_BIN_EXE_registrar"))
+        .args([
+            "dns",
+            "--listen",
+            "0.0.0.0:53",
+            "--endpoints",
+            "http://127.0.0.1:1",
+        ])
+        .env_clear()
+        .output()
+        .await
+        .expect("unshare and setpriv (package util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.starts_with("unshare:"),
+        "this test needs `unshare --net` (root): {stderr}"
+    );
+    assert_eq!(out.status.code(), Some(77), "{stderr}");
+    assert!(stderr.contains("CAP_NET_BIND_SERVICE"), "{stderr}");
+
     // A port another process holds: exit 1 (systemd retries), naming it.
     let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();
