@@ -5,12 +5,15 @@
 //!
 //! Flags: `--window SECS` (steady-state measurement window, default 60),
 //! `--runs N` (one-shot runs, default 25), `--swarm 1000,5000,10000`,
-//! `--only oneshot,steady,swarm,render`, `--render 1000,10000`, `--spread` (swarm hosts spread over all
-//! members instead of all on the leader).
+//! `--only oneshot,steady,swarm,render,dns`, `--render 1000,10000`, `--dns 1000,10000`,
+//! `--spread` (swarm hosts spread over all members instead of all on the leader).
 
 #[path = "../tests/it/support/mod.rs"]
 #[allow(unused_imports)]
 mod support;
+
+#[path = "registrar/dns.rs"]
+mod dns;
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -39,6 +42,8 @@ struct Args {
     spread: bool,
     /// Registry sizes for the render part.
     render: Vec<usize>,
+    /// Registry sizes for the dns part.
+    dns: Vec<usize>,
 }
 
 fn args() -> Args {
@@ -51,9 +56,11 @@ fn args() -> Args {
             "steady".into(),
             "swarm".into(),
             "render".into(),
+            "dns".into(),
         ],
         spread: false,
         render: vec![1000, 10000],
+        dns: vec![1000, 10000],
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -64,6 +71,7 @@ fn args() -> Args {
             "--runs" => a.runs = next.parse().unwrap_or(25),
             "--swarm" => a.swarm = next.split(',').filter_map(|n| n.parse().ok()).collect(),
             "--render" => a.render = next.split(',').filter_map(|n| n.parse().ok()).collect(),
+            "--dns" => a.dns = next.split(',').filter_map(|n| n.parse().ok()).collect(),
             "--only" => a.only = next.split(',').map(String::from).collect(),
             "--spread" => {
                 a.spread = true;
@@ -866,6 +874,11 @@ fn main() {
     if part("render") {
         for n in a.render.clone() {
             print(rt.block_on(render_bench(n)));
+        }
+    }
+    if part("dns") {
+        for n in a.dns.clone() {
+            print(rt.block_on(dns::dns_bench(n)));
         }
     }
     if part("swarm") {

@@ -2,10 +2,10 @@
 //!
 //! One watch of the prefix feeds the registry mirror
 //! ([`Follower`](crate::registry::follow::Follower)), the same one `render`
-//! and `watch` use. After each change the whole [`zone::Zone`] is rebuilt
-//! from the mirror at one revision and swapped in; queries read only that
-//! zone, so a query costs no etcd request. Changes that arrive together
-//! are applied together and cost one rebuild.
+//! and `watch` use. After each change the [`zone::Zone`] catches up with
+//! the mirror, for the hosts that changed and their roles, at one revision;
+//! questions read only that zone, so a question costs no etcd request.
+//! Changes that arrive together are applied together.
 //!
 //! Fail safe: until the registry has been read once every query gets
 //! SERVFAIL (not NXDOMAIN for names that may exist); while etcd is
@@ -14,6 +14,7 @@
 pub mod server;
 pub mod zone;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::etcd::{Etcd, EtcdError};
+use crate::registry::HostId;
 use crate::registry::follow::Follower;
 use crate::telemetry::DnsMetrics;
 use server::{Handler, Published};
@@ -95,18 +97,24 @@ pub async fn run(
     metrics: &DnsMetrics,
 ) -> Result<(), EtcdError> {
     let published = Arc::new(Published::default());
-    let mut server = hickory_server::Server::new(Handler {
+    let handler = Arc::new(Handler {
         zone: published.clone(),
         metrics: metrics.clone(),
     });
+    let serving = cancel.child_token();
+    let _stop = serving.clone().drop_guard();
     for udp in sockets.udp {
-        server.register_socket(udp);
+        tokio::spawn(server::serve_udp(udp, handler.clone(), serving.clone()));
     }
+    let mut tcp_server = hickory_server::Server::new(Handler {
+        zone: published.clone(),
+        metrics: metrics.clone(),
+    });
     for tcp in sockets.tcp {
-        server.register_listener(tcp, TCP_IDLE, 64);
+        tcp_server.register_listener(tcp, TCP_IDLE, 64);
     }
-    let result = follow(prefix, etcd, &settings, &published, cancel, metrics).await;
-    if let Err(e) = server.shutdown_gracefully().await {
+    let result = follow(prefix, etcd, settings, &published, cancel, metrics).await;
+    if let Err(e) = tcp_server.shutdown_gracefully().await {
         tracing::debug!(error = %e, "the DNS server stopped with an error");
     }
     result
@@ -116,7 +124,7 @@ pub async fn run(
 async fn follow(
     prefix: &str,
     etcd: &Etcd,
-    settings: &Settings,
+    settings: Settings,
     published: &Published,
     cancel: &CancellationToken,
     metrics: &DnsMetrics,
@@ -131,90 +139,49 @@ async fn follow(
     for m in bad {
         tracing::debug!(key = m.key, why = m.why, "skipping a malformed key");
     }
-    let mut shown = Shown::default();
-    publish(&follower, settings, published, metrics, &mut shown);
+    let zone = Zone::build(&follower.registry, follower.revision, settings);
+    let names = zone.names();
+    show(&zone, metrics);
+    published.set(zone);
     metrics.set_ready();
     crate::telemetry::notify_ready(&format!(
-        "serving {} names at revision {}",
-        shown.names, follower.revision
+        "serving {names} names at revision {}",
+        follower.revision
     ));
     let mut watchdog = tokio::time::interval(Duration::from_secs(10));
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut dirty = false;
+    // Hosts changed since the zone was last brought in step.
+    let mut touched: BTreeSet<HostId> = BTreeSet::new();
     let mut report = |m: crate::registry::Malformed| {
         tracing::debug!(key = m.key, why = m.why, "skipping a malformed key");
     };
     loop {
-        // Biased: every change that is already here is applied before the
-        // zone is rebuilt, so a burst costs one rebuild. The follower keeps
-        // its watch when its future is dropped.
+        // Biased: every change already here is applied to the mirror before
+        // the zone catches up, so a burst costs one update. The follower
+        // keeps its watch when its future is dropped.
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return Ok(()),
             batch = follower.next(&mut report) => {
-                batch?;
-                dirty = true;
+                touched.extend(batch?.changes.into_iter().map(|(id, _, _)| id));
             }
-            _ = std::future::ready(()), if dirty => {
-                dirty = false;
-                publish(&follower, settings, published, metrics, &mut shown);
+            _ = std::future::ready(()), if !touched.is_empty() => {
+                let revision = follower.revision;
+                published.update(|zone| {
+                    zone.apply(&follower.registry, &touched, revision);
+                    show(zone, metrics);
+                    tracing::debug!(revision, hosts = touched.len(), names = zone.names(), "answers updated");
+                });
+                touched.clear();
             }
             _ = watchdog.tick() => crate::telemetry::notify_watchdog(),
         }
     }
 }
 
-/// What the log last said about the zone, so that only changes are logged.
-#[derive(Default)]
-struct Shown {
-    names: usize,
-    unnamed: usize,
-    withheld: Vec<zone::Withheld>,
-}
-
-fn publish(
-    follower: &Follower<'_>,
-    settings: &Settings,
-    published: &Published,
-    metrics: &DnsMetrics,
-    shown: &mut Shown,
-) {
-    let zone = Zone::build(&follower.registry, follower.revision, settings);
+/// The zone's figures in the metrics.
+fn show(zone: &Zone, metrics: &DnsMetrics) {
     metrics.answer_revision.set(zone.revision);
-    metrics.withheld.set(zone.withheld.len() as i64);
-    metrics.unnamed.set(zone.unnamed.len() as i64);
-    if zone.unnamed.len() != shown.unnamed && !zone.unnamed.is_empty() {
-        let list: Vec<String> = zone.unnamed.iter().take(5).map(|h| h.to_string()).collect();
-        tracing::warn!(
-            "{} host entries have names DNS cannot carry (a label over 63 bytes or a name over 255) and are served under no name: {}",
-            zone.unnamed.len(),
-            list.join(", ")
-        );
-    }
-    if zone.withheld != shown.withheld {
-        for w in &zone.withheld {
-            tracing::info!(
-                "withholding {} until {} hosts publish it (srv_min); {} do",
-                w.name,
-                w.need,
-                w.have
-            );
-        }
-        for w in shown
-            .withheld
-            .iter()
-            .filter(|w| !zone.withheld.iter().any(|z| z.name == w.name))
-        {
-            tracing::info!("serving {}: srv_min {} reached", w.name, w.need);
-        }
-    }
-    shown.names = zone.names();
-    shown.unnamed = zone.unnamed.len();
-    shown.withheld = zone.withheld.clone();
-    tracing::debug!(
-        revision = zone.revision,
-        names = zone.names(),
-        "answers rebuilt"
-    );
-    published.set(zone);
+    metrics.withheld.set(zone.withheld().count() as i64);
+    metrics.unnamed.set(zone.unnamed() as i64);
 }

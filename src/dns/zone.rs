@@ -1,6 +1,6 @@
-//! The answers `registrar dns` serves (contract section 7), built from the
-//! registry mirror at one revision. Pure: no I/O, and a lookup is one hash
-//! lookup, so a query costs no etcd request.
+//! The answers `registrar dns` serves (contract section 7), kept in step
+//! with the registry mirror. Pure: no I/O, and a lookup is one hash lookup,
+//! so a question costs no etcd request.
 //!
 //! Names under the domain:
 //! - `<host>.<role>.<dc>` → the host's address, whatever its health;
@@ -11,9 +11,16 @@
 //! - every name above them (`<dc>`, `_tcp.<role>.<dc>`) exists without
 //!   records, so a resolver caches no NXDOMAIN for a whole subtree
 //!   (RFC 8020).
+//!
+//! A change costs the hosts it touched and their roles, not the registry:
+//! each host's records are built once and kept; a role's names are put
+//! together again from them. Every name records who put its records there
+//! (a host, or a role), so names that differ only in case, or that two
+//! entries happen to share, hold both and lose only their own part.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use hickory_server::proto::rr::rdata::{A, AAAA, SOA, SRV};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
@@ -36,16 +43,68 @@ pub struct Settings {
     pub srv_min: BTreeMap<String, usize>,
 }
 
-/// One name and its records.
+/// A role of a DC, as the registry spells it.
+type RoleKey = (String, String);
+
+/// Who put records at a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Owner {
+    Apex,
+    Host(HostId),
+    Role(RoleKey),
+}
+
+/// The records one owner put at one name.
 #[derive(Debug, Default)]
-struct Node {
+struct Records {
     a: Vec<Record>,
     aaaa: Vec<Record>,
     srv: Vec<Record>,
     /// The A/AAAA records of the SRV targets (the additional section).
     targets: Vec<Record>,
-    /// A role or SRV name: its answers are shuffled per query.
+    /// A role or SRV name: its answers are shuffled per question.
     shuffled: bool,
+}
+
+impl Records {
+    fn push_address(&mut self, record: Record) {
+        match record.record_type() {
+            RecordType::AAAA => self.aaaa.push(record),
+            _ => self.a.push(record),
+        }
+    }
+}
+
+/// One name: the records of each owner (nearly always one).
+#[derive(Debug, Clone, Default)]
+struct Node {
+    parts: Vec<(Owner, Arc<Records>)>,
+}
+
+/// One host's records, built when the host changes.
+#[derive(Debug)]
+struct HostEntry {
+    name: LowerName,
+    /// Its address under its own name.
+    addr: Record,
+    /// Its address under its role's name.
+    role_addr: Record,
+    /// Passing and not in maintenance (or warning, with allow_warning).
+    usable: bool,
+    /// service → its SRV record (owner `_<service>._tcp.<role>.<dc>`).
+    srv: Vec<(String, Record)>,
+}
+
+/// One service of a role, while the role is put together: the first SRV
+/// record seen (for its name), and each usable publisher's SRV record and
+/// address.
+type Service<'e> = (&'e Record, Vec<(&'e Record, &'e Record)>);
+
+/// What one role put in the zone.
+#[derive(Debug, Clone, Default)]
+struct RoleEntry {
+    names: Vec<LowerName>,
+    withheld: Vec<Withheld>,
 }
 
 /// The answer to one question.
@@ -72,18 +131,19 @@ pub struct Withheld {
 }
 
 /// Every answer at one registry revision.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Zone {
+    settings: Arc<Settings>,
     domain: LowerName,
     soa: Record,
     nodes: HashMap<LowerName, Node>,
-    /// The registry revision the zone was built at.
-    pub revision: i64,
+    hosts: HashMap<HostId, Arc<HostEntry>>,
+    roles: HashMap<RoleKey, RoleEntry>,
     /// Host entries whose names are not valid DNS names (a label over 63
     /// bytes, a name over 255): served under no name.
-    pub unnamed: Vec<HostId>,
-    /// SRV names the quorum gate withholds.
-    pub withheld: Vec<Withheld>,
+    unnamed: BTreeSet<HostId>,
+    /// The registry revision the zone was built at.
+    pub revision: i64,
 }
 
 /// `labels` followed by the domain, as a DNS name (None when it is not one).
@@ -100,126 +160,254 @@ fn address(owner: &Name, ip: IpAddr, ttl: u32) -> Record {
     }
 }
 
-impl Node {
-    fn push_address(&mut self, record: Record) {
-        match record.record_type() {
-            RecordType::AAAA => self.aaaa.push(record),
-            _ => self.a.push(record),
-        }
-    }
-}
-
 impl Zone {
     /// A zone with no hosts: every name under the domain but the apex is
     /// NXDOMAIN.
-    pub fn empty(settings: &Settings) -> Zone {
-        Zone::build(&Registry::default(), 0, settings)
+    pub fn new(settings: Settings) -> Zone {
+        let domain = LowerName::from(&settings.domain);
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            domain.clone(),
+            Node {
+                parts: vec![(Owner::Apex, Arc::new(Records::default()))],
+            },
+        );
+        let soa = soa(&settings, 0);
+        Zone {
+            settings: Arc::new(settings),
+            domain,
+            soa,
+            nodes,
+            hosts: HashMap::new(),
+            roles: HashMap::new(),
+            unnamed: BTreeSet::new(),
+            revision: 0,
+        }
     }
 
-    /// Builds every answer from the registry at `revision`.
-    pub fn build(registry: &Registry, revision: i64, settings: &Settings) -> Zone {
-        let domain = &settings.domain;
-        let ttl = settings.ttl;
-        let mut nodes: HashMap<LowerName, Node> = HashMap::new();
-        let mut unnamed = Vec::new();
-        // SRV name → (gate key, candidates (SRV record, target address)).
-        let mut srv: BTreeMap<Name, (String, Vec<(Record, Record)>)> = BTreeMap::new();
-        let usable = |h: &HostView| {
-            h.healthy()
-                || (settings.allow_warning
-                    && h.health == Some(Status::Warning)
-                    && h.maintenance.is_none())
-        };
-        for (id, host) in registry.present() {
-            let Some(ip) = host.ip else { continue };
-            let (Some(host_name), Some(role_name), Some(tcp_name), Some(dc_name)) = (
-                name_under(&[&id.host, &id.role, &id.dc], domain),
-                name_under(&[&id.role, &id.dc], domain),
-                name_under(&["_tcp", &id.role, &id.dc], domain),
-                name_under(&[&id.dc], domain),
-            ) else {
-                unnamed.push(id.clone());
-                continue;
-            };
-            let host_record = address(&host_name, ip, ttl);
-            nodes
-                .entry(LowerName::from(&host_name))
-                .or_default()
-                .push_address(host_record.clone());
-            nodes.entry(LowerName::from(&dc_name)).or_default();
-            nodes.entry(LowerName::from(&tcp_name)).or_default();
-            let role = nodes.entry(LowerName::from(&role_name)).or_default();
-            role.shuffled = true;
-            let usable = usable(host);
-            if usable {
-                role.push_address(address(&role_name, ip, ttl));
+    /// Every answer for the registry at `revision`.
+    pub fn build(registry: &Registry, revision: i64, settings: Settings) -> Zone {
+        let mut zone = Zone::new(settings);
+        let ids: Vec<&HostId> = registry.hosts.keys().collect();
+        zone.apply(registry, ids, revision);
+        zone
+    }
+
+    /// Brings the hosts in `touched`, and their roles, in step with the
+    /// registry at `revision`.
+    pub fn apply<'a>(
+        &mut self,
+        registry: &Registry,
+        touched: impl IntoIterator<Item = &'a HostId>,
+        revision: i64,
+    ) {
+        let mut roles = BTreeSet::new();
+        for id in touched {
+            self.refresh_host(registry, id);
+            roles.insert((id.dc.clone(), id.role.clone()));
+        }
+        for role in &roles {
+            self.refresh_role(registry, role);
+        }
+        self.revision = revision;
+        self.soa = soa(&self.settings, revision);
+    }
+
+    fn put(&mut self, name: LowerName, owner: Owner, records: Records) {
+        self.nodes
+            .entry(name)
+            .or_default()
+            .parts
+            .push((owner, Arc::new(records)));
+    }
+
+    fn take(&mut self, name: &LowerName, owner: &Owner) {
+        if let Some(node) = self.nodes.get_mut(name) {
+            node.parts.retain(|(o, _)| o != owner);
+            if node.parts.is_empty() {
+                self.nodes.remove(name);
             }
-            let gate = format!("{}.{}", id.role, id.dc).to_ascii_lowercase();
-            for (service, port) in &host.services {
-                let Some(srv_name) = name_under(&[&format!("_{service}"), "_tcp"], &role_name)
-                else {
-                    continue;
-                };
-                let entry = srv
-                    .entry(srv_name.clone())
-                    .or_insert_with(|| (gate.clone(), Vec::new()));
-                if usable {
-                    let record = Record::from_rdata(
-                        srv_name,
-                        ttl,
-                        RData::SRV(SRV::new(10, 10, *port, host_name.clone())),
-                    );
-                    entry.1.push((record, host_record.clone()));
+        }
+    }
+
+    fn usable(&self, h: &HostView) -> bool {
+        h.healthy()
+            || (self.settings.allow_warning
+                && h.present()
+                && h.health == Some(Status::Warning)
+                && h.maintenance.is_none())
+    }
+
+    fn refresh_host(&mut self, registry: &Registry, id: &HostId) {
+        if let Some(old) = self.hosts.remove(id) {
+            self.take(&old.name, &Owner::Host(id.clone()));
+        }
+        let Some((host, ip)) = registry
+            .hosts
+            .get(id)
+            .filter(|h| h.present())
+            .and_then(|h| Some((h, h.ip?)))
+        else {
+            self.unnamed.remove(id);
+            return;
+        };
+        let domain = &self.settings.domain;
+        let ttl = self.settings.ttl;
+        let names = (
+            name_under(&[&id.host, &id.role, &id.dc], domain),
+            name_under(&[&id.role, &id.dc], domain),
+        );
+        let (Some(host_name), Some(role_name)) = names else {
+            if self.unnamed.insert(id.clone()) {
+                tracing::warn!(
+                    host = %id,
+                    "this host entry's name is not a DNS name (a label over 63 bytes or a name over 255); it is served under no name"
+                );
+            }
+            return;
+        };
+        self.unnamed.remove(id);
+        let srv = host
+            .services
+            .iter()
+            .filter_map(|(service, port)| {
+                let name = name_under(&[&format!("_{service}"), "_tcp"], &role_name)?;
+                let rdata = RData::SRV(SRV::new(10, 10, *port, host_name.clone()));
+                Some((service.clone(), Record::from_rdata(name, ttl, rdata)))
+            })
+            .collect();
+        let entry = HostEntry {
+            name: LowerName::from(&host_name),
+            addr: address(&host_name, ip, ttl),
+            role_addr: address(&role_name, ip, ttl),
+            usable: self.usable(host),
+            srv,
+        };
+        let mut records = Records::default();
+        records.push_address(entry.addr.clone());
+        self.put(entry.name.clone(), Owner::Host(id.clone()), records);
+        self.hosts.insert(id.clone(), Arc::new(entry));
+    }
+
+    fn refresh_role(&mut self, registry: &Registry, key: &RoleKey) {
+        let owner = Owner::Role(key.clone());
+        let old = self.roles.remove(key).unwrap_or_default();
+        for name in &old.names {
+            self.take(name, &owner);
+        }
+        let (dc, role) = key;
+        let start = HostId {
+            dc: dc.clone(),
+            role: role.clone(),
+            host: String::new(),
+        };
+        let members: Vec<Arc<HostEntry>> = registry
+            .hosts
+            .range(start..)
+            .take_while(|(id, _)| id.dc == *dc && id.role == *role)
+            .filter_map(|(id, _)| self.hosts.get(id).cloned())
+            .collect();
+        let domain = self.settings.domain.clone();
+        let names = (
+            name_under(&[role, dc], &domain),
+            name_under(&["_tcp", role, dc], &domain),
+            name_under(&[dc], &domain),
+        );
+        let (Some(role_name), Some(tcp_name), Some(dc_name)) = names else {
+            return;
+        };
+        if members.is_empty() {
+            return;
+        }
+        let mut entry = RoleEntry::default();
+        let mut role_records = Records {
+            shuffled: true,
+            ..Records::default()
+        };
+        let mut services: BTreeMap<&str, Service> = BTreeMap::new();
+        for h in &members {
+            if h.usable {
+                role_records.push_address(h.role_addr.clone());
+            }
+            for (service, srv) in &h.srv {
+                let e = services.entry(service).or_insert_with(|| (srv, Vec::new()));
+                if h.usable {
+                    e.1.push((srv, &h.addr));
                 }
             }
         }
-        let mut withheld = Vec::new();
-        for (name, (gate, candidates)) in srv {
-            let node = nodes.entry(LowerName::from(&name)).or_default();
-            node.shuffled = true;
-            let need = settings.srv_min.get(&gate).copied().unwrap_or(0);
-            if candidates.len() < need {
-                withheld.push(Withheld {
-                    name: name.to_string(),
-                    have: candidates.len(),
+        let gate = format!("{role}.{dc}").to_ascii_lowercase();
+        let need = self.settings.srv_min.get(&gate).copied().unwrap_or(0);
+        let mut srv_nodes = Vec::new();
+        for (first, usable) in services.values() {
+            let mut records = Records {
+                shuffled: true,
+                ..Records::default()
+            };
+            if usable.len() < need {
+                entry.withheld.push(Withheld {
+                    name: first.name.to_string(),
+                    have: usable.len(),
                     need,
                 });
-                continue;
+            } else {
+                for (srv, addr) in usable {
+                    records.srv.push((*srv).clone());
+                    records.targets.push((*addr).clone());
+                }
             }
-            for (record, target) in candidates {
-                node.srv.push(record);
-                node.targets.push(target);
-            }
+            srv_nodes.push((LowerName::from(&first.name), records));
         }
-        nodes.entry(LowerName::from(domain)).or_default();
-        let soa = Record::from_rdata(
-            domain.clone(),
-            ttl,
-            RData::SOA(SOA::new(
-                name_under(&["ns"], domain).unwrap_or_else(|| domain.clone()),
-                name_under(&["hostmaster"], domain).unwrap_or_else(|| domain.clone()),
-                // The serial follows the registry; RFC 1982 arithmetic
-                // wraps it.
-                revision as u32,
-                3600,
-                600,
-                86400,
-                ttl,
-            )),
-        );
-        Zone {
-            domain: LowerName::from(domain),
-            soa,
-            nodes,
-            revision,
-            unnamed,
-            withheld,
+        self.log_gate(&old.withheld, &entry.withheld);
+        let mut put = |zone: &mut Zone, name: LowerName, records: Records| {
+            entry.names.push(name.clone());
+            zone.put(name, owner.clone(), records);
+        };
+        put(self, LowerName::from(&role_name), role_records);
+        put(self, LowerName::from(&tcp_name), Records::default());
+        put(self, LowerName::from(&dc_name), Records::default());
+        for (name, records) in srv_nodes {
+            put(self, name, records);
+        }
+        self.roles.insert(key.clone(), entry);
+    }
+
+    /// Logs what the quorum gate started or stopped withholding.
+    fn log_gate(&self, before: &[Withheld], after: &[Withheld]) {
+        for w in after.iter().filter(|w| !before.contains(w)) {
+            tracing::info!(
+                "withholding {} until {} hosts publish it (srv_min); {} do",
+                w.name,
+                w.need,
+                w.have
+            );
+        }
+        for w in before
+            .iter()
+            .filter(|w| !after.iter().any(|a| a.name == w.name))
+        {
+            tracing::info!("serving {}: srv_min {} reached", w.name, w.need);
         }
     }
 
     /// The zone's SOA, for the authority section of negative answers.
     pub fn soa(&self) -> &Record {
         &self.soa
+    }
+
+    /// SRV names the quorum gate withholds.
+    pub fn withheld(&self) -> impl Iterator<Item = &Withheld> {
+        self.roles.values().flat_map(|r| r.withheld.iter())
+    }
+
+    /// Host entries served under no name.
+    pub fn unnamed(&self) -> usize {
+        self.unnamed.len()
+    }
+
+    /// How many names the zone holds.
+    pub fn names(&self) -> usize {
+        self.nodes.len()
     }
 
     /// Answers one question. Role and SRV answers come in a random order.
@@ -231,29 +419,30 @@ impl Zone {
             return Answer::NxDomain;
         };
         let apex = *name == self.domain;
+        let parts = || node.parts.iter().map(|(_, r)| r.as_ref());
         let mut answers: Vec<&Record> = Vec::new();
         let mut additionals: Vec<&Record> = Vec::new();
         match qtype {
-            RecordType::A => answers.extend(&node.a),
-            RecordType::AAAA => answers.extend(&node.aaaa),
+            RecordType::A => answers.extend(parts().flat_map(|r| &r.a)),
+            RecordType::AAAA => answers.extend(parts().flat_map(|r| &r.aaaa)),
             RecordType::SRV => {
-                answers.extend(&node.srv);
-                additionals.extend(&node.targets);
+                answers.extend(parts().flat_map(|r| &r.srv));
+                additionals.extend(parts().flat_map(|r| &r.targets));
             }
             RecordType::SOA if apex => answers.push(&self.soa),
             RecordType::ANY => {
-                answers.extend(node.a.iter().chain(&node.aaaa).chain(&node.srv));
+                answers.extend(parts().flat_map(|r| r.a.iter().chain(&r.aaaa).chain(&r.srv)));
                 if apex {
                     answers.push(&self.soa);
                 }
-                additionals.extend(&node.targets);
+                additionals.extend(parts().flat_map(|r| &r.targets));
             }
             _ => {}
         }
         if answers.is_empty() {
             return Answer::NoData;
         }
-        if node.shuffled && answers.len() > 1 {
+        if answers.len() > 1 && parts().any(|r| r.shuffled) {
             answers.shuffle(&mut rand::rng());
         }
         Answer::Found {
@@ -261,11 +450,24 @@ impl Zone {
             additionals,
         }
     }
+}
 
-    /// How many names the zone holds (for the log line after a change).
-    pub fn names(&self) -> usize {
-        self.nodes.len()
-    }
+fn soa(settings: &Settings, revision: i64) -> Record {
+    let domain = &settings.domain;
+    Record::from_rdata(
+        domain.clone(),
+        settings.ttl,
+        RData::SOA(SOA::new(
+            name_under(&["ns"], domain).unwrap_or_else(|| domain.clone()),
+            name_under(&["hostmaster"], domain).unwrap_or_else(|| domain.clone()),
+            // The serial follows the registry; RFC 1982 arithmetic wraps it.
+            revision as u32,
+            3600,
+            600,
+            86400,
+            settings.ttl,
+        )),
+    )
 }
 
 #[cfg(test)]
@@ -344,7 +546,7 @@ mod tests {
 
     #[test]
     fn host_names_answer_whatever_the_health() {
-        let z = Zone::build(&registry(), 7, &settings());
+        let z = Zone::build(&registry(), 7, settings());
         assert_eq!(
             rdata(&q(&z, "e3.etcd.dc1.registry.internal.", RecordType::AAAA)),
             ["fd00::3"]
@@ -361,7 +563,7 @@ mod tests {
 
     #[test]
     fn role_names_answer_usable_hosts_only() {
-        let z = Zone::build(&registry(), 7, &settings());
+        let z = Zone::build(&registry(), 7, settings());
         assert_eq!(
             rdata(&q(&z, "etcd.dc1.registry.internal.", RecordType::A)),
             ["10.0.0.1"]
@@ -370,7 +572,7 @@ mod tests {
             allow_warning: true,
             ..settings()
         };
-        let z = Zone::build(&registry(), 7, &warn);
+        let z = Zone::build(&registry(), 7, warn);
         assert_eq!(
             rdata(&q(&z, "etcd.dc1.registry.internal.", RecordType::A)),
             ["10.0.0.1", "10.0.0.2"]
@@ -379,7 +581,7 @@ mod tests {
 
     #[test]
     fn srv_lists_usable_publishers_with_their_addresses() {
-        let z = Zone::build(&registry(), 7, &settings());
+        let z = Zone::build(&registry(), 7, settings());
         let a = q(
             &z,
             "_etcd-server._tcp.etcd.dc1.registry.internal.",
@@ -400,7 +602,7 @@ mod tests {
             ..settings()
         };
         let mut r = registry();
-        let z = Zone::build(&r, 7, &gated);
+        let z = Zone::build(&r, 7, gated.clone());
         assert!(matches!(
             q(
                 &z,
@@ -409,8 +611,9 @@ mod tests {
             ),
             Answer::NoData
         ));
-        assert_eq!(z.withheld.len(), 1);
-        assert_eq!((z.withheld[0].have, z.withheld[0].need), (1, 2));
+        let w: Vec<&Withheld> = z.withheld().collect();
+        assert_eq!(w.len(), 1);
+        assert_eq!((w[0].have, w[0].need), (1, 2));
         host(
             &mut r,
             "dc1/etcd/e4",
@@ -418,7 +621,7 @@ mod tests {
             "passing",
             &[("etcd-server", 2380)],
         );
-        let z = Zone::build(&r, 8, &gated);
+        let z = Zone::build(&r, 8, gated);
         assert_eq!(
             rdata(&q(
                 &z,
@@ -428,12 +631,12 @@ mod tests {
             .len(),
             2
         );
-        assert!(z.withheld.is_empty());
+        assert_eq!(z.withheld().count(), 0);
     }
 
     #[test]
     fn unknown_names_outside_names_and_empty_non_terminals() {
-        let z = Zone::build(&registry(), 7, &settings());
+        let z = Zone::build(&registry(), 7, settings());
         assert!(matches!(
             q(&z, "nope.dc1.registry.internal.", RecordType::A),
             Answer::NxDomain
@@ -474,11 +677,142 @@ mod tests {
             "passing",
             &[],
         );
-        let z = Zone::build(&r, 1, &settings());
-        assert_eq!(z.unnamed.len(), 1);
+        let z = Zone::build(&r, 1, settings());
+        assert_eq!(z.unnamed(), 1);
         assert!(matches!(
             q(&z, "web.dc1.registry.internal.", RecordType::A),
             Answer::NxDomain
         ));
+    }
+
+    /// Every name the zone could answer for the registry, with sorted data.
+    fn all_answers(z: &Zone, r: &Registry) -> Vec<String> {
+        let mut names: BTreeSet<String> = BTreeSet::new();
+        for (id, h) in &r.hosts {
+            names.insert(format!(
+                "{}.{}.{}.registry.internal.",
+                id.host, id.role, id.dc
+            ));
+            names.insert(format!("{}.{}.registry.internal.", id.role, id.dc));
+            names.insert(format!("_tcp.{}.{}.registry.internal.", id.role, id.dc));
+            names.insert(format!("{}.registry.internal.", id.dc));
+            for s in h.services.keys() {
+                names.insert(format!(
+                    "_{s}._tcp.{}.{}.registry.internal.",
+                    id.role, id.dc
+                ));
+            }
+        }
+        let mut out = Vec::new();
+        for n in names {
+            for t in [RecordType::A, RecordType::AAAA, RecordType::SRV] {
+                let a = q(z, &n, t);
+                let mut extra = match &a {
+                    Answer::Found { additionals, .. } => {
+                        additionals.iter().map(|r| r.data.to_string()).collect()
+                    }
+                    _ => vec![],
+                };
+                extra.sort();
+                out.push(format!("{n} {t} {:?} {extra:?}", rdata(&a)));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn changes_applied_one_by_one_answer_as_a_fresh_build() {
+        let gated = Settings {
+            srv_min: [("etcd.dc1".to_string(), 2)].into(),
+            ..settings()
+        };
+        let mut r = registry();
+        let mut z = Zone::build(&r, 1, gated.clone());
+        let id = |path: &str| {
+            let p: Vec<&str> = path.split('/').collect();
+            HostId {
+                dc: p[0].into(),
+                role: p[1].into(),
+                host: p[2].into(),
+            }
+        };
+        type Change = Box<dyn Fn(&mut Registry)>;
+        let steps: Vec<(&str, Change)> = vec![
+            (
+                "dc1/etcd/e2",
+                Box::new(|r| {
+                    host(
+                        r,
+                        "dc1/etcd/e2",
+                        "10.0.0.2",
+                        "passing",
+                        &[("etcd-server", 2380)],
+                    )
+                }),
+            ),
+            (
+                "dc1/etcd/e1",
+                Box::new(|r| {
+                    r.put(P, b"/infrastructure/dc1/etcd/e1/maintenance", b"x", 1, 3)
+                        .unwrap();
+                }),
+            ),
+            (
+                "dc1/web/w1",
+                Box::new(|r| host(r, "dc1/web/w1", "10.1.0.1", "passing", &[("http", 80)])),
+            ),
+            (
+                "dc1/WEB/w1",
+                Box::new(|r| host(r, "dc1/WEB/w1", "10.1.0.2", "passing", &[("http", 81)])),
+            ),
+            (
+                "dc1/etcd/e1",
+                Box::new(|r| {
+                    r.delete(P, b"/infrastructure/dc1/etcd/e1/maintenance", 5);
+                }),
+            ),
+            (
+                "dc1/web/w1",
+                Box::new(|r| {
+                    r.delete(P, b"/infrastructure/dc1/web/w1/ip", 6);
+                }),
+            ),
+            (
+                "dc2/etcd/e9",
+                Box::new(|r| {
+                    host(
+                        r,
+                        "dc2/etcd/e9",
+                        "fd00::9",
+                        "passing",
+                        &[("etcd-server", 2380)],
+                    )
+                }),
+            ),
+            (
+                "dc1/etcd/e3",
+                Box::new(|r| {
+                    r.delete(P, b"/infrastructure/dc1/etcd/e3/health", 8);
+                }),
+            ),
+        ];
+        for (rev, (path, change)) in steps.iter().enumerate() {
+            change(&mut r);
+            let rev = rev as i64 + 2;
+            z.apply(&r, [&id(path)], rev);
+            let fresh = Zone::build(&r, rev, gated.clone());
+            assert_eq!(all_answers(&z, &r), all_answers(&fresh, &r), "after {path}");
+            assert_eq!(z.names(), fresh.names(), "after {path}");
+            assert_eq!(
+                z.withheld().count(),
+                fresh.withheld().count(),
+                "after {path}"
+            );
+        }
+        // Both spellings of the role answer at the one lower-case name.
+        assert_eq!(
+            rdata(&q(&z, "web.dc1.registry.internal.", RecordType::A)),
+            ["10.1.0.2"]
+        );
     }
 }
