@@ -63,6 +63,11 @@ impl Sockets {
                     proto: "udp",
                     source,
                 })?;
+            // Room for bursts while the loop is busy or descheduled (the
+            // kernel caps it at net.core.rmem_max); too small a buffer
+            // drops questions under load. Best effort.
+            let _ =
+                nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::RcvBuf, &(4 << 20));
             // Port 0 (tests): TCP takes the port UDP was given.
             let addr = udp.local_addr().unwrap_or(addr);
             let tcp = tokio::net::TcpListener::bind(addr)

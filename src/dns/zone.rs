@@ -22,8 +22,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use hickory_server::proto::op::Query;
 use hickory_server::proto::rr::rdata::{A, AAAA, SOA, SRV};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
+use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder};
 use rand::seq::SliceRandom;
 
 use crate::check::Status;
@@ -54,7 +56,26 @@ enum Owner {
     Role(RoleKey),
 }
 
-/// The records one owner put at one name.
+/// A record in wire form, encoded after a question for its name (at
+/// offset 12, where every answer has its question): any compression
+/// pointer in it points into that question, so these bytes are right in any
+/// answer to that name, in any order. The server puts answers together from
+/// them without encoding anything.
+pub type Chunk = Arc<[u8]>;
+
+/// `record` in wire form after the question `name`/`qtype` (None when it
+/// cannot be encoded; that name is then answered by encoding).
+fn chunk(name: &Name, qtype: RecordType, record: &Record) -> Option<Chunk> {
+    let mut buf = Vec::with_capacity(96);
+    let mut encoder = BinEncoder::new(&mut buf);
+    encoder.emit_vec(&[0; 12]).ok()?;
+    Query::query(name.clone(), qtype).emit(&mut encoder).ok()?;
+    let start = encoder.offset();
+    record.emit(&mut encoder).ok()?;
+    Some(Arc::from(&buf[start..]))
+}
+
+/// The records one owner put at one name, with their wire forms.
 #[derive(Debug, Default)]
 struct Records {
     a: Vec<Record>,
@@ -64,13 +85,36 @@ struct Records {
     targets: Vec<Record>,
     /// A role or SRV name: its answers are shuffled per question.
     shuffled: bool,
+    /// The same records as chunks, section by section.
+    wire: [Vec<Chunk>; 4],
+    /// Some record had no chunk: answer by encoding.
+    unwired: bool,
 }
 
+/// Indexes of `Records::wire`.
+const WIRE_A: usize = 0;
+const WIRE_AAAA: usize = 1;
+const WIRE_SRV: usize = 2;
+const WIRE_TARGETS: usize = 3;
+
 impl Records {
-    fn push_address(&mut self, record: Record) {
+    fn wired(&mut self, section: usize, chunk: Option<&Chunk>) {
+        match chunk {
+            Some(c) => self.wire[section].push(c.clone()),
+            None => self.unwired = true,
+        }
+    }
+
+    fn push_address(&mut self, record: Record, chunk: Option<&Chunk>) {
         match record.record_type() {
-            RecordType::AAAA => self.aaaa.push(record),
-            _ => self.a.push(record),
+            RecordType::AAAA => {
+                self.aaaa.push(record);
+                self.wired(WIRE_AAAA, chunk);
+            }
+            _ => {
+                self.a.push(record);
+                self.wired(WIRE_A, chunk);
+            }
         }
     }
 }
@@ -81,24 +125,32 @@ struct Node {
     parts: Vec<(Owner, Arc<Records>)>,
 }
 
-/// One host's records, built when the host changes.
+/// One host's records, built when the host changes, each with its chunk.
 #[derive(Debug)]
 struct HostEntry {
     name: LowerName,
     /// Its address under its own name.
-    addr: Record,
+    addr: (Record, Option<Chunk>),
     /// Its address under its role's name.
-    role_addr: Record,
+    role_addr: (Record, Option<Chunk>),
     /// Passing and not in maintenance (or warning, with allow_warning).
     usable: bool,
-    /// service → its SRV record (owner `_<service>._tcp.<role>.<dc>`).
-    srv: Vec<(String, Record)>,
+    srv: Vec<ServiceRecords>,
+}
+
+/// One service a host publishes.
+#[derive(Debug)]
+struct ServiceRecords {
+    service: String,
+    /// Owner `_<service>._tcp.<role>.<dc>`, target the host.
+    srv: (Record, Option<Chunk>),
+    /// The host's address, for the additional section of that SRV name.
+    target: Option<Chunk>,
 }
 
 /// One service of a role, while the role is put together: the first SRV
-/// record seen (for its name), and each usable publisher's SRV record and
-/// address.
-type Service<'e> = (&'e Record, Vec<(&'e Record, &'e Record)>);
+/// record seen (for its name), and each usable publisher's records.
+type Service<'e> = (&'e Record, Vec<(&'e ServiceRecords, &'e HostEntry)>);
 
 /// What one role put in the zone.
 #[derive(Debug, Clone, Default)]
@@ -120,6 +172,13 @@ pub enum Answer<'z> {
         answers: Vec<&'z Record>,
         additionals: Vec<&'z Record>,
     },
+}
+
+/// An answer as chunks: see [`Zone::wired`].
+#[derive(Debug)]
+pub struct Wired<'z> {
+    pub answers: Vec<&'z [u8]>,
+    pub additionals: Vec<&'z [u8]>,
 }
 
 /// An SRV name whose answers the quorum gate withholds.
@@ -267,24 +326,36 @@ impl Zone {
             return;
         };
         self.unnamed.remove(id);
+        let qtype = if ip.is_ipv6() {
+            RecordType::AAAA
+        } else {
+            RecordType::A
+        };
+        let addr = address(&host_name, ip, ttl);
         let srv = host
             .services
             .iter()
             .filter_map(|(service, port)| {
                 let name = name_under(&[&format!("_{service}"), "_tcp"], &role_name)?;
                 let rdata = RData::SRV(SRV::new(10, 10, *port, host_name.clone()));
-                Some((service.clone(), Record::from_rdata(name, ttl, rdata)))
+                let record = Record::from_rdata(name.clone(), ttl, rdata);
+                Some(ServiceRecords {
+                    service: service.clone(),
+                    target: chunk(&name, RecordType::SRV, &addr),
+                    srv: (record.clone(), chunk(&name, RecordType::SRV, &record)),
+                })
             })
             .collect();
+        let role_addr = address(&role_name, ip, ttl);
         let entry = HostEntry {
             name: LowerName::from(&host_name),
-            addr: address(&host_name, ip, ttl),
-            role_addr: address(&role_name, ip, ttl),
+            addr: (addr.clone(), chunk(&host_name, qtype, &addr)),
+            role_addr: (role_addr.clone(), chunk(&role_name, qtype, &role_addr)),
             usable: self.usable(host),
             srv,
         };
         let mut records = Records::default();
-        records.push_address(entry.addr.clone());
+        records.push_address(entry.addr.0.clone(), entry.addr.1.as_ref());
         self.put(entry.name.clone(), Owner::Host(id.clone()), records);
         self.hosts.insert(id.clone(), Arc::new(entry));
     }
@@ -327,12 +398,14 @@ impl Zone {
         let mut services: BTreeMap<&str, Service> = BTreeMap::new();
         for h in &members {
             if h.usable {
-                role_records.push_address(h.role_addr.clone());
+                role_records.push_address(h.role_addr.0.clone(), h.role_addr.1.as_ref());
             }
-            for (service, srv) in &h.srv {
-                let e = services.entry(service).or_insert_with(|| (srv, Vec::new()));
+            for s in &h.srv {
+                let e = services
+                    .entry(&s.service)
+                    .or_insert_with(|| (&s.srv.0, Vec::new()));
                 if h.usable {
-                    e.1.push((srv, &h.addr));
+                    e.1.push((s, h));
                 }
             }
         }
@@ -351,9 +424,11 @@ impl Zone {
                     need,
                 });
             } else {
-                for (srv, addr) in usable {
-                    records.srv.push((*srv).clone());
-                    records.targets.push((*addr).clone());
+                for (s, h) in usable {
+                    records.srv.push(s.srv.0.clone());
+                    records.wired(WIRE_SRV, s.srv.1.as_ref());
+                    records.targets.push(h.addr.0.clone());
+                    records.wired(WIRE_TARGETS, s.target.as_ref());
                 }
             }
             srv_nodes.push((LowerName::from(&first.name), records));
@@ -408,6 +483,39 @@ impl Zone {
     /// How many names the zone holds.
     pub fn names(&self) -> usize {
         self.nodes.len()
+    }
+
+    /// The answer to an A, AAAA or SRV question for a name with records of
+    /// that type, as chunks (answers shuffled where the name's are), or
+    /// None: the question is answered by encoding ([`Zone::lookup`]).
+    pub fn wired(&self, name: &LowerName, qtype: RecordType) -> Option<Wired<'_>> {
+        let node = self.nodes.get(name)?;
+        let [(_, records)] = node.parts.as_slice() else {
+            return None;
+        };
+        if records.unwired {
+            return None;
+        }
+        let (answers, additionals) = match qtype {
+            RecordType::A => (&records.wire[WIRE_A], &[][..]),
+            RecordType::AAAA => (&records.wire[WIRE_AAAA], &[][..]),
+            RecordType::SRV => (
+                &records.wire[WIRE_SRV],
+                records.wire[WIRE_TARGETS].as_slice(),
+            ),
+            _ => return None,
+        };
+        if answers.is_empty() {
+            return None;
+        }
+        let mut answers: Vec<&[u8]> = answers.iter().map(|c| &c[..]).collect();
+        if records.shuffled && answers.len() > 1 {
+            answers.shuffle(&mut rand::rng());
+        }
+        Some(Wired {
+            answers,
+            additionals: additionals.iter().map(|c| &c[..]).collect(),
+        })
     }
 
     /// Answers one question. Role and SRV answers come in a random order.
