@@ -2,6 +2,7 @@
 //! exit codes.
 
 use super::{Control, Failure, etcd_failure, exit};
+use crate::agent::reload::Reloads;
 use crate::cli::DnsArgs;
 use crate::config::Config;
 use crate::dns::{Settings, Sockets};
@@ -58,12 +59,17 @@ pub async fn run(config: Config, args: &DnsArgs, control: Control) -> Result<(),
             }
         });
     }
+    let reloads = control.load.map(|load| Reloads {
+        notify: control.reload.clone(),
+        load,
+    });
     crate::dns::run(
         &config.prefix,
         &etcd,
         settings,
         sockets,
         &control.cancel,
+        reloads,
         &metrics,
     )
     .await

@@ -7,6 +7,8 @@
 //! questions read only that zone, so a question costs no etcd request.
 //! Changes that arrive together are applied together.
 //!
+//! SIGHUP re-reads the configuration; a new `srv_min` applies at once.
+//!
 //! Fail safe: until the registry has been read once every query gets
 //! SERVFAIL (not NXDOMAIN for names that may exist); while etcd is
 //! unreachable the last zone keeps being served.
@@ -21,6 +23,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::reload::Reloads;
 use crate::etcd::{Etcd, EtcdError};
 use crate::registry::HostId;
 use crate::registry::follow::Follower;
@@ -99,26 +102,22 @@ pub async fn run(
     settings: Settings,
     sockets: Sockets,
     cancel: &CancellationToken,
+    reloads: Option<Reloads>,
     metrics: &DnsMetrics,
 ) -> Result<(), EtcdError> {
     let published = Arc::new(Published::default());
-    let handler = Arc::new(Handler {
-        zone: published.clone(),
-        metrics: metrics.clone(),
-    });
+    let handler = Arc::new(Handler::new(published.clone(), metrics.clone()));
     let serving = cancel.child_token();
     let _stop = serving.clone().drop_guard();
     for udp in sockets.udp {
         tokio::spawn(server::serve_udp(udp, handler.clone(), serving.clone()));
     }
-    let mut tcp_server = hickory_server::Server::new(Handler {
-        zone: published.clone(),
-        metrics: metrics.clone(),
-    });
+    let mut tcp_server =
+        hickory_server::Server::new(Handler::new(published.clone(), metrics.clone()));
     for tcp in sockets.tcp {
         tcp_server.register_listener(tcp, TCP_IDLE, 64);
     }
-    let result = follow(prefix, etcd, settings, &published, cancel, metrics).await;
+    let result = follow(prefix, etcd, settings, &published, cancel, reloads, metrics).await;
     if let Err(e) = tcp_server.shutdown_gracefully().await {
         tracing::debug!(error = %e, "the DNS server stopped with an error");
     }
@@ -129,9 +128,10 @@ pub async fn run(
 async fn follow(
     prefix: &str,
     etcd: &Etcd,
-    settings: Settings,
+    mut settings: Settings,
     published: &Published,
     cancel: &CancellationToken,
+    reloads: Option<Reloads>,
     metrics: &DnsMetrics,
 ) -> Result<(), EtcdError> {
     let scope = format!("{prefix}/");
@@ -144,7 +144,7 @@ async fn follow(
     for m in bad {
         tracing::debug!(key = m.key, why = m.why, "skipping a malformed key");
     }
-    let zone = Zone::build(&follower.registry, follower.revision, settings);
+    let zone = Zone::build(&follower.registry, follower.revision, settings.clone());
     let names = zone.names();
     show(&zone, metrics);
     published.set(zone);
@@ -180,7 +180,32 @@ async fn follow(
                 touched.clear();
             }
             _ = watchdog.tick() => crate::telemetry::notify_watchdog(),
+            _ = reloaded(&reloads) => {
+                let Some(r) = &reloads else { continue };
+                match (r.load)() {
+                    Err(e) => tracing::error!("reload refused, the old configuration stays in force: {e}"),
+                    Ok(config) if config.srv_min == settings.srv_min => {
+                        tracing::info!("configuration reloaded; srv_min is unchanged (other settings take a restart)");
+                    }
+                    Ok(config) => {
+                        settings.srv_min = config.srv_min;
+                        tracing::info!(srv_min = ?settings.srv_min, "configuration reloaded: new srv_min in force (other settings take a restart)");
+                        let zone = Zone::build(&follower.registry, follower.revision, settings.clone());
+                        show(&zone, metrics);
+                        published.set(zone);
+                        touched.clear();
+                    }
+                }
+            }
         }
+    }
+}
+
+/// The next SIGHUP, or never without reloads.
+async fn reloaded(reloads: &Option<Reloads>) {
+    match reloads {
+        Some(r) => r.notify.notified().await,
+        None => std::future::pending().await,
     }
 }
 

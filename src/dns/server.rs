@@ -17,7 +17,7 @@ use std::time::Instant;
 use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
-use hickory_server::proto::rr::{DNSClass, Record};
+use hickory_server::proto::rr::{DNSClass, Record, RecordType};
 use hickory_server::proto::serialize::binary::{
     BinDecodable, BinDecoder, BinEncodable, BinEncoder,
 };
@@ -62,8 +62,11 @@ impl Published {
 
 /// Answers questions from the published zone.
 pub struct Handler {
-    pub zone: Arc<Published>,
-    pub metrics: DnsMetrics,
+    zone: Arc<Published>,
+    metrics: DnsMetrics,
+    /// The counters of the common answers (A, AAAA, SRV with NOERROR),
+    /// looked up once rather than per question.
+    common: [(RecordType, prometheus_client::metrics::counter::Counter); 3],
 }
 
 /// The rcode as DNS tools print it (dig's `status:`).
@@ -101,6 +104,24 @@ type Reply<'q, 'a> = MessageResponse<
 >;
 
 impl Handler {
+    pub fn new(zone: Arc<Published>, metrics: DnsMetrics) -> Handler {
+        let common = [RecordType::A, RecordType::AAAA, RecordType::SRV].map(|t| {
+            let counter = metrics
+                .queries
+                .get_or_create(&QueryLabels {
+                    qtype: t.into(),
+                    rcode: rcode_label(ResponseCode::NoError),
+                })
+                .clone();
+            (t, counter)
+        });
+        Handler {
+            zone,
+            metrics,
+            common,
+        }
+    }
+
     /// The answer to `request` from `zone`.
     fn reply<'q, 'a>(
         &self,
@@ -144,18 +165,21 @@ impl Handler {
     }
 
     fn count(&self, request: &Request, rcode: ResponseCode, started: Instant) {
-        let qtype = request
-            .queries
-            .queries()
-            .first()
-            .map_or("none", |q| <&'static str>::from(q.query_type()));
-        self.metrics
-            .queries
-            .get_or_create(&QueryLabels {
-                qtype,
-                rcode: rcode_label(rcode),
-            })
-            .inc();
+        let qtype = request.queries.queries().first().map(|q| q.query_type());
+        match self.common.iter().find(|(t, _)| Some(*t) == qtype) {
+            Some((_, counter)) if rcode == ResponseCode::NoError => {
+                counter.inc();
+            }
+            _ => {
+                self.metrics
+                    .queries
+                    .get_or_create(&QueryLabels {
+                        qtype: qtype.map_or("none", <&'static str>::from),
+                        rcode: rcode_label(rcode),
+                    })
+                    .inc();
+            }
+        }
         self.metrics
             .answer_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -371,7 +395,7 @@ mod tests {
     use crate::dns::zone::Settings;
     use crate::registry::Registry;
     use hickory_server::proto::op::{Message, Query};
-    use hickory_server::proto::rr::{LowerName, Name, RecordType};
+    use hickory_server::proto::rr::{LowerName, Name};
 
     fn zone() -> Zone {
         let mut r = Registry::default();
@@ -429,10 +453,7 @@ mod tests {
     #[test]
     fn spliced_answers_decode_as_encoded_ones() {
         let zone = zone();
-        let handler = Handler {
-            zone: Arc::new(Published::default()),
-            metrics: DnsMetrics::new(),
-        };
+        let handler = Handler::new(Arc::new(Published::default()), DnsMetrics::new());
         handler.zone.set(zone.clone());
         for (name, qtype) in [
             ("Host-7.WEB.dc1.registry.internal.", RecordType::A),

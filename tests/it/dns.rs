@@ -1069,3 +1069,85 @@ async fn etcd_bootstraps_from_dns_srv_in_a_namespace_behind_the_quorum_gate() {
     assert_eq!(names, ["e1", "e2", "e3"].map(String::from).into(), "{list}");
     drop(members);
 }
+
+/// `srv_min` withholds a role's SRV answers (NOERROR, none) until enough
+/// usable hosts publish; the role's A records are not gated. A SIGHUP
+/// applies a new `srv_min` at once.
+#[tokio::test]
+async fn srv_min_withholds_srv_answers_and_a_sighup_changes_it() {
+    let cluster = Cluster::start(1).await;
+    let eps = cluster.endpoint_list();
+    let mut c = cluster.client().await;
+    let lease = c.lease_grant(600, None).await.unwrap().id();
+    put_hosts(&mut c, lease, &web_hosts()[..4]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("dns.yaml");
+    std::fs::write(
+        &cfg,
+        format!("endpoints: [{eps}]\nsrv_min:\n  web.dc1: 3\n"),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut command = registrar();
+    command
+        .args(["dns", "--config"])
+        .arg(&cfg)
+        .args(["--listen", &format!("127.0.0.1:{port}")]);
+    let dns = Agent::spawn_command("registrar dns", command);
+    eventually(Duration::from_secs(15), "dns to answer", || async {
+        let d = dig(port, &["web.dc1.registry.internal", "A"]).await;
+        if d.data().len() == 2 {
+            Ok(())
+        } else {
+            Err(d.raw)
+        }
+    })
+    .await;
+    // Two usable hosts publish http, fewer than 3: withheld.
+    let d = dig(port, &["_http._tcp.web.dc1.registry.internal", "SRV"]).await;
+    assert_eq!(
+        (d.status.as_str(), d.answer.len()),
+        ("NOERROR", 0),
+        "{}",
+        d.raw
+    );
+    assert!(
+        dns.log().contains("withholding _http._tcp.web.dc1.registry.internal. until 3 hosts publish it (srv_min); 2 do"),
+        "{}",
+        dns.log()
+    );
+    // A third usable host: served.
+    c.put(
+        format!("{P}/dc1/web/w3/health"),
+        "passing",
+        Some(PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(5), "three SRV answers", || async {
+        let d = dig(port, &["_http._tcp.web.dc1.registry.internal", "SRV"]).await;
+        if d.answer.len() == 3 {
+            Ok(())
+        } else {
+            Err(d.raw)
+        }
+    })
+    .await;
+    // Raise the bar and reload: withheld again, without a restart.
+    std::fs::write(
+        &cfg,
+        format!("endpoints: [{eps}]\nsrv_min:\n  web.dc1: 4\n"),
+    )
+    .unwrap();
+    dns.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually(Duration::from_secs(5), "the new srv_min", || async {
+        let d = dig(port, &["_http._tcp.web.dc1.registry.internal", "SRV"]).await;
+        if d.answer.is_empty() && d.status == "NOERROR" {
+            Ok(())
+        } else {
+            Err(d.raw)
+        }
+    })
+    .await;
+    assert!(dns.log().contains("new srv_min in force"), "{}", dns.log());
+}
