@@ -324,38 +324,132 @@ fn splice(
     Some(out)
 }
 
+/// Datagrams taken from the socket, and answers given to it, per system
+/// call (recvmmsg and sendmmsg): under load the kernel has many queued, and
+/// one call per datagram costs more than answering it.
+const BATCH: usize = 32;
+
+/// The largest question read; a longer datagram is not one we answer.
+const MAX_QUESTION: usize = 4096;
+
+fn std_addr(addr: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::from(std::net::SocketAddrV4::from(*v4)));
+    }
+    addr.as_sockaddr_in6()
+        .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+}
+
+/// Takes up to `BATCH` queued datagrams without waiting: their lengths and
+/// senders, in `bufs` order.
+fn receive_batch(
+    fd: std::os::fd::RawFd,
+    bufs: &mut [Vec<u8>],
+) -> std::io::Result<Vec<(usize, Option<SocketAddr>)>> {
+    use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
+    // Headers hold raw pointers (not Send): made per call, never held
+    // across an await.
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(bufs.len(), None);
+    let mut slices: Vec<[std::io::IoSliceMut<'_>; 1]> = bufs
+        .iter_mut()
+        .map(|b| [std::io::IoSliceMut::new(b)])
+        .collect();
+    let received = recvmmsg(
+        fd,
+        &mut headers,
+        slices.iter_mut(),
+        MsgFlags::MSG_DONTWAIT,
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    Ok(received
+        .map(|m| (m.bytes, m.address.as_ref().and_then(std_addr)))
+        .collect())
+}
+
+/// Gives `answers` to the socket in one call when it can; returns how many
+/// went.
+fn send_batch(fd: std::os::fd::RawFd, answers: &[(Vec<u8>, SocketAddr)]) -> std::io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
+    if answers.is_empty() {
+        return Ok(0);
+    }
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(answers.len(), None);
+    let slices: Vec<[std::io::IoSlice<'_>; 1]> = answers
+        .iter()
+        .map(|(bytes, _)| [std::io::IoSlice::new(bytes)])
+        .collect();
+    let addrs: Vec<Option<SockaddrStorage>> = answers
+        .iter()
+        .map(|(_, to)| Some(SockaddrStorage::from(*to)))
+        .collect();
+    let none: [ControlMessage<'_>; 0] = [];
+    let sent = sendmmsg(
+        fd,
+        &mut headers,
+        slices.iter(),
+        addrs,
+        none,
+        MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(std::io::Error::from)?;
+    Ok(sent.count())
+}
+
 /// Answers every datagram on `socket` until `cancel`.
 pub async fn serve_udp(
     socket: tokio::net::UdpSocket,
     handler: Arc<Handler>,
     cancel: CancellationToken,
 ) {
-    // A question is small; anything longer than this is not one we answer.
-    let mut buf = vec![0u8; 4096];
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let mut bufs = vec![vec![0u8; MAX_QUESTION]; BATCH];
     let mut failures = crate::backoff::Outage::new("cannot use a DNS socket");
     loop {
-        let received = tokio::select! {
+        let ready = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = socket.recv_from(&mut buf) => r,
+            r = socket.readable() => r,
         };
-        let (n, src) = match received {
-            Ok(r) => {
+        let received = ready.and_then(|_| {
+            socket.try_io(tokio::io::Interest::READABLE, || {
+                receive_batch(fd, &mut bufs)
+            })
+        });
+        let batch = match received {
+            Ok(batch) => {
                 if let Some(ended) = failures.recovered() {
                     tracing::info!("the DNS socket works again {}", ended.describe());
                 }
-                r
+                batch
             }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             // ICMP errors surface here on Linux; the next datagram is fine.
             Err(e) => {
                 failures.failed(&e);
                 continue;
             }
         };
-        let Some(answer) = handler.answer_datagram(&buf[..n], src) else {
-            continue;
-        };
-        if let Err(e) = socket.send_to(&answer, src).await {
-            tracing::debug!(%src, error = %e, "could not send an answer");
+        let answers: Vec<(Vec<u8>, SocketAddr)> = batch
+            .into_iter()
+            .zip(&bufs)
+            .filter_map(|((n, src), buf)| {
+                let src = src?;
+                // A datagram that filled the buffer was cut: not a question.
+                if n >= MAX_QUESTION {
+                    return None;
+                }
+                Some((handler.answer_datagram(&buf[..n], src)?, src))
+            })
+            .collect();
+        let sent = socket
+            .try_io(tokio::io::Interest::WRITABLE, || send_batch(fd, &answers))
+            .unwrap_or(0);
+        // What the socket would not take at once goes one by one.
+        for (answer, to) in &answers[sent.min(answers.len())..] {
+            if let Err(e) = socket.send_to(answer, to).await {
+                tracing::debug!(%to, error = %e, "could not send an answer");
+            }
         }
     }
 }
