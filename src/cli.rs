@@ -87,8 +87,16 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff) to stdout: `registrar man | man -l -`.
-    Man,
+    /// Print registrar(1) (roff) to stdout, or write every page to a directory.
+    ///
+    /// `registrar man | man -l -` reads it; `registrar man --dir DIR` writes
+    /// registrar.1 and one page per command (registrar-agent.1, ...), each
+    /// with its flags, environment, exit status, files and examples.
+    Man {
+        /// Write registrar.1 and every registrar-<command>.1 here (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Output format of `ls`.

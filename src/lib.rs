@@ -42,6 +42,7 @@ pub mod identity;
 pub mod layout;
 pub mod lease;
 pub mod maintenance;
+pub mod manual;
 pub mod process;
 pub mod registration;
 pub mod registry;

@@ -126,11 +126,20 @@ pub fn active(state_dir: &Path, now: SystemTime) -> (Option<String>, Option<Stri
     (Some(state.reason), None)
 }
 
+/// When the maintenance in the file ends by itself (None: no file, no
+/// end, or an end that does not parse).
+fn planned_end(state_dir: &Path) -> Option<SystemTime> {
+    let text = std::fs::read_to_string(path(state_dir)).ok()?;
+    let state: State = serde_json::from_str(&text).ok()?;
+    humantime::parse_rfc3339(state.until.as_deref()?).ok()
+}
+
 /// Watches the maintenance file by polling its metadata.
 pub struct Watcher {
     state_dir: PathBuf,
     stamp: Option<(SystemTime, u64)>,
     current: Option<String>,
+    until: Option<SystemTime>,
     warned: Option<String>,
 }
 
@@ -140,6 +149,7 @@ impl Watcher {
             state_dir: state_dir.to_path_buf(),
             stamp: None,
             current: None,
+            until: None,
             warned: None,
         };
         w.refresh(true);
@@ -149,6 +159,11 @@ impl Watcher {
     /// The active reason.
     pub fn current(&self) -> Option<&str> {
         self.current.as_deref()
+    }
+
+    /// When the active maintenance ends by itself (None: until turned off).
+    pub fn until(&self) -> Option<SystemTime> {
+        self.until
     }
 
     /// Re-evaluates the file; returns true when the active reason changed.
@@ -171,6 +186,7 @@ impl Watcher {
             tracing::warn!("maintenance: {}", warning.as_deref().unwrap_or_default());
         }
         self.warned = warning;
+        self.until = reason.as_ref().and_then(|_| planned_end(&self.state_dir));
         if reason != self.current {
             match &reason {
                 Some(r) => tracing::info!(reason = %r, "maintenance on"),

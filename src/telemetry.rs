@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::check::Status;
 use crate::etcd::Class;
-use crate::lease::Lease;
+use crate::lease::{Lease, LeaseId};
 use crate::registration::Desired;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,6 +34,21 @@ pub struct ErrorLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaseLabels {
+    /// The lease id as etcdctl prints it (hex).
+    pub lease_id: String,
+}
+
+/// Every class of etcd error, as the `kind` label spells it.
+const ERROR_KINDS: [(Class, &str); 5] = [
+    (Class::Retry, "retry"),
+    (Class::Auth, "auth"),
+    (Class::Tls, "tls"),
+    (Class::Fatal, "fatal"),
+    (Class::LeaseGone, "lease_gone"),
+];
+
 #[derive(Debug, Default)]
 struct LeaseState {
     ttl: Duration,
@@ -45,7 +60,7 @@ struct LeaseState {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
-    lease_id: Gauge,
+    lease_info: Family<LeaseLabels, Gauge>,
     lease_ttl: Gauge,
     keepalive_age: Gauge<f64, AtomicU64>,
     registrations: Counter,
@@ -53,6 +68,9 @@ pub struct Metrics {
     check_status: Family<CheckLabels, Gauge>,
     check_duration: Family<CheckLabels, Gauge<f64, AtomicU64>>,
     etcd_errors: Family<ErrorLabels, Counter>,
+    conflict: Gauge,
+    maintenance: Gauge,
+    maintenance_until: Gauge<f64, AtomicU64>,
     state: Arc<Mutex<LeaseState>>,
 }
 
@@ -67,7 +85,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("registrar");
         let m = Metrics {
             registry: Arc::new(Registry::default()),
-            lease_id: Gauge::default(),
+            lease_info: Family::default(),
             lease_ttl: Gauge::default(),
             keepalive_age: Gauge::default(),
             registrations: Counter::default(),
@@ -75,12 +93,23 @@ impl Metrics {
             check_status: Family::default(),
             check_duration: Family::default(),
             etcd_errors: Family::default(),
+            conflict: Gauge::default(),
+            maintenance: Gauge::default(),
+            maintenance_until: Gauge::default(),
             state: Arc::default(),
         };
+        // NaN until known: an alert on `> N` or `< time()` stays quiet.
+        m.keepalive_age.set(f64::NAN);
+        m.maintenance_until.set(f64::NAN);
+        for (_, kind) in ERROR_KINDS {
+            let _ = m
+                .etcd_errors
+                .get_or_create(&ErrorLabels { kind: kind.into() });
+        }
         registry.register(
-            "lease_id",
-            "The id of the lease holding this host's keys (0: none)",
-            m.lease_id.clone(),
+            "lease_info",
+            "1 for the lease holding this host's keys, its id (hex, as etcdctl prints it) as a label; no series while there is none",
+            m.lease_info.clone(),
         );
         registry.register(
             "lease_ttl_seconds",
@@ -89,7 +118,7 @@ impl Metrics {
         );
         registry.register(
             "keepalive_age_seconds",
-            "Seconds since the last successful lease keep-alive",
+            "Seconds since the last successful lease keep-alive (NaN before the first registration)",
             m.keepalive_age.clone(),
         );
         registry.register(
@@ -114,8 +143,23 @@ impl Metrics {
         );
         registry.register(
             "etcd_errors",
-            "etcd errors by kind (retry, auth, fatal, lease_gone)",
+            "etcd errors by kind (retry, auth, tls, fatal, lease_gone)",
             m.etcd_errors.clone(),
+        );
+        registry.register(
+            "conflict",
+            "1 while another machine's live lease holds this host name (this agent writes nothing and retries)",
+            m.conflict.clone(),
+        );
+        registry.register(
+            "maintenance",
+            "1 while this host publishes a maintenance key",
+            m.maintenance.clone(),
+        );
+        registry.register(
+            "maintenance_until_timestamp_seconds",
+            "When the published maintenance ends by itself, as a Unix time (NaN: none, or until turned off)",
+            m.maintenance_until.clone(),
         );
         Metrics {
             registry: Arc::new(registry),
@@ -149,16 +193,41 @@ impl Metrics {
     }
 
     pub fn etcd_error(&self, class: Class) {
-        let kind = match class {
-            Class::Retry => "retry",
-            Class::Auth => "auth",
-            Class::Tls => "tls",
-            Class::Fatal => "fatal",
-            Class::LeaseGone => "lease_gone",
-        };
+        let kind = ERROR_KINDS
+            .iter()
+            .find(|(c, _)| *c == class)
+            .map_or("fatal", |(_, k)| k);
         self.etcd_errors
             .get_or_create(&ErrorLabels { kind: kind.into() })
             .inc();
+    }
+
+    /// The lease now holding this host's keys (None: no lease).
+    pub fn lease(&self, lease: Option<LeaseId>) {
+        self.lease_info.clear();
+        if let Some(id) = lease {
+            self.lease_info
+                .get_or_create(&LeaseLabels {
+                    lease_id: id.to_string(),
+                })
+                .set(1);
+        }
+    }
+
+    /// Whether another machine holds this host name.
+    pub fn set_conflict(&self, on: bool) {
+        self.conflict.set(i64::from(on));
+    }
+
+    /// The maintenance this host publishes: none, or on until a time (None:
+    /// until turned off).
+    pub fn set_maintenance(&self, on: bool, until: Option<std::time::SystemTime>) {
+        self.maintenance.set(i64::from(on));
+        let until = until
+            .filter(|_| on)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(f64::NAN, |d| d.as_secs_f64());
+        self.maintenance_until.set(until);
     }
 
     /// Whether the lease is alive: registered and confirmed within its TTL.
@@ -172,7 +241,7 @@ impl Metrics {
     /// The metrics in Prometheus text format.
     pub fn render(&self) -> String {
         if let Ok(s) = self.state.lock() {
-            let age = s.last_ok.map(|t| t.elapsed().as_secs_f64()).unwrap_or(-1.0);
+            let age = s.last_ok.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
             self.keepalive_age.set(age);
         }
         let mut text = String::new();
@@ -313,7 +382,8 @@ impl crate::lease::Observer for Telemetry {
         } else {
             self.metrics.reregistrations.inc();
         }
-        self.metrics.lease_id.set(lease.id.get());
+        self.metrics.lease(Some(lease.id));
+        self.metrics.set_conflict(false);
         self.metrics
             .lease_ttl
             .set(i64::try_from(lease.ttl.as_secs()).unwrap_or(i64::MAX));
@@ -356,11 +426,12 @@ impl crate::lease::Observer for Telemetry {
     }
 
     fn conflict(&self, message: &str) {
+        self.metrics.set_conflict(true);
         self.status(&format!("conflict, retrying: {message}"));
     }
 
     fn lost(&self, why: &str) {
-        self.metrics.lease_id.set(0);
+        self.metrics.lease(None);
         if let Ok(mut s) = self.metrics.state.lock() {
             s.registered = false;
         }

@@ -118,6 +118,7 @@ pub async fn run(composer: Composer, cancel: CancellationToken, tasks: TaskTrack
                 }
             }
         }
+        metrics.set_maintenance(maint.current().is_some(), maint.until());
         if snapshot.complete {
             let desired = compose(&config, &identity, &snapshot, maint.current());
             tx.send_if_modified(|cur| {

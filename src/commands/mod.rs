@@ -241,24 +241,44 @@ pub fn generated(cli: &Cli) -> Option<Result<Vec<u8>, Failure>> {
             clap_complete::generate(*shell, &mut crate::cli::command(), "registrar", &mut out);
             Some(Ok(out))
         }
-        Command::Man => {
-            let mut out = Vec::new();
-            Some(
-                clap_mangen::Man::new(crate::cli::command())
-                    .render(&mut out)
-                    .map(|_| out)
-                    .map_err(|e| Failure::new(exit::RUNTIME, e)),
-            )
-        }
+        Command::Man { dir } => Some(man(dir.as_deref())),
         _ => None,
     }
+}
+
+/// `registrar man`: registrar(1) as bytes for stdout, or every page written
+/// to `dir` (and their paths for stdout).
+fn man(dir: Option<&std::path::Path>) -> Result<Vec<u8>, Failure> {
+    let failed = |e: std::io::Error| Failure::new(exit::RUNTIME, e);
+    let pages = crate::manual::pages().map_err(failed)?;
+    let Some(dir) = dir else {
+        return Ok(pages.into_iter().next().map(|(_, p)| p).unwrap_or_default());
+    };
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Failure::new(
+            exit::RUNTIME,
+            anyhow::anyhow!("cannot create {}: {e}", dir.display()),
+        )
+    })?;
+    let mut written = String::new();
+    for (name, page) in pages {
+        let path = dir.join(name);
+        std::fs::write(&path, page).map_err(|e| {
+            Failure::new(
+                exit::RUNTIME,
+                anyhow::anyhow!("cannot write {}: {e}", path.display()),
+            )
+        })?;
+        written.push_str(&format!("{}\n", path.display()));
+    }
+    Ok(written.into_bytes())
 }
 
 /// The common part of the flags of any command (`dns` has only the
 /// connection part; it describes no host).
 fn common(cli: &Cli) -> Cow<'_, Common> {
     match &cli.command {
-        Command::Completions { .. } | Command::Man => Cow::Owned(Common::default()),
+        Command::Completions { .. } | Command::Man { .. } => Cow::Owned(Common::default()),
         Command::Dns(d) => Cow::Owned(Common {
             connection: d.connection.clone(),
             ..Common::default()
@@ -334,7 +354,7 @@ pub async fn run(cli: Cli, config: Config, control: Control) -> Result<(), Failu
         Command::Render(args) => render::run(config, &args, control).await,
         Command::Dns(args) => dns::run(config, &args, control).await,
         // Handled by `generated` before any config is loaded.
-        Command::Completions { .. } | Command::Man => Ok(()),
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
     }
 }
 

@@ -227,7 +227,9 @@ async fn metrics_and_health_follow_registration_and_lease_loss() {
         let url = format!("{base}/metrics");
         async move {
             let (code, text) = get(&url).await;
-            if code == 200 && metric(&text, "registrar_lease_id") == Some(lease as f64) {
+            if code == 200
+                && text.contains(&format!("registrar_lease_info{{lease_id=\"{lease:x}\"}} 1"))
+            {
                 Ok(text)
             } else {
                 Err(text)
@@ -267,6 +269,19 @@ async fn metrics_and_health_follow_registration_and_lease_loss() {
         "{text}"
     );
     assert!(text.trim_end().ends_with("# EOF"), "not OpenMetrics text");
+    // Every error class is there from the start, at 0; no conflict.
+    for kind in ["retry", "auth", "tls", "fatal", "lease_gone"] {
+        assert!(
+            text.contains(&format!("registrar_etcd_errors_total{{kind=\"{kind}\"}} 0")),
+            "{kind}: {text}"
+        );
+    }
+    assert_eq!(metric(&text, "registrar_conflict"), Some(0.0), "{text}");
+    assert_eq!(metric(&text, "registrar_maintenance"), Some(0.0), "{text}");
+    assert!(
+        text.contains("registrar_maintenance_until_timestamp_seconds NaN"),
+        "{text}"
+    );
     assert_eq!(get(&format!("{base}/health")).await.0, 200);
     assert_eq!(get(&format!("{base}/other")).await.0, 404);
 
@@ -290,11 +305,14 @@ async fn metrics_and_health_follow_registration_and_lease_loss() {
     .await;
     let new_lease = registered(&mut c, DIR).await.unwrap();
     assert_ne!(new_lease, lease);
-    assert_eq!(
-        metric(&text, "registrar_lease_id"),
-        Some(new_lease as f64),
+    // One lease series: the new one (the lost one's is gone).
+    assert!(
+        text.contains(&format!(
+            "registrar_lease_info{{lease_id=\"{new_lease:x}\"}} 1"
+        )),
         "{text}"
     );
+    assert_eq!(text.matches("registrar_lease_info{").count(), 1, "{text}");
 
     // etcd gone for longer than the TTL: /health says so, errors are counted.
     cluster.kill(0);
@@ -348,6 +366,50 @@ async fn completions_and_man_page() {
         "{}",
         &man.stdout[..200.min(man.stdout.len())]
     );
+    // Every command has a page, and man formats it with the exit codes.
+    let pages = dir.path().join("man1");
+    let written = run(&["man", "--dir", pages.to_str().unwrap()]).await;
+    assert_eq!(written.code, 0, "{}", written.stderr);
+    for command in [
+        "agent",
+        "register",
+        "deregister",
+        "check-config",
+        "maintenance",
+        "ls",
+        "watch",
+        "wait",
+        "render",
+        "dns",
+    ] {
+        let page = pages.join(format!("registrar-{command}.1"));
+        assert!(
+            written.stdout.contains(page.to_str().unwrap()),
+            "{}",
+            written.stdout
+        );
+        let shown = std::process::Command::new("man")
+            .arg("-l")
+            .arg(&page)
+            .env("MANWIDTH", "100")
+            .output()
+            .expect("man (package man-db)");
+        let text = String::from_utf8_lossy(&shown.stdout);
+        for section in [
+            "SYNOPSIS",
+            "OPTIONS",
+            "EXIT STATUS",
+            "ENVIRONMENT",
+            "EXAMPLES",
+            "SEE ALSO",
+        ] {
+            assert!(
+                text.contains(section),
+                "registrar-{command}(1) has no {section}:\n{text}"
+            );
+        }
+        assert!(text.contains("78"), "registrar-{command}(1):\n{text}");
+    }
     let bad = run(&["completions", "tcsh"]).await;
     assert_eq!(bad.code, 2);
 }
@@ -732,7 +794,7 @@ fn install_deps_decides_by_files_not_commands() {
     assert_eq!(
         out.trim(),
         "would install: protobuf-compiler libprotobuf-dev etcd-server etcd-client haproxy jq systemd \
-         bind9-dnsutils iproute2 util-linux"
+         bind9-dnsutils iproute2 util-linux man-db"
     );
 
     // A misspelt group is an error that names the known ones.
