@@ -794,7 +794,7 @@ fn install_deps_decides_by_files_not_commands() {
     assert_eq!(
         out.trim(),
         "would install: protobuf-compiler libprotobuf-dev etcd-server etcd-client haproxy jq systemd \
-         bind9-dnsutils iproute2 util-linux man-db"
+         bind9-dnsutils iproute2 util-linux man-db prometheus"
     );
 
     // A misspelt group is an error that names the known ones.

@@ -1,0 +1,234 @@
+//! The Debian package that `./scripts/package` builds (./scripts/test builds
+//! it before the tests): lintian, its contents, its units installed over
+//! this machine's /usr in a private mount namespace and checked by
+//! `systemd-analyze verify` with their man page, and its binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The package, or a failure that says how to build it.
+fn deb() -> PathBuf {
+    let path = std::env::var_os("REGISTRAR_DEB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+                "target/debian/registrar_{}_amd64.deb",
+                env!("CARGO_PKG_VERSION")
+            ))
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: run ./scripts/package first (./scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}; ./scripts/test installs it"))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The package unpacked into a scratch directory.
+fn unpacked() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let out = run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(deb())
+        .arg(root.path()));
+    assert!(out.status.success(), "{}", text(&out));
+    root
+}
+
+#[test]
+fn lintian_reports_no_errors_or_warnings() {
+    let out = run(Command::new("lintian")
+        .args(["--fail-on", "error,warning", "--tag-display-limit", "0"])
+        .arg(deb()));
+    let said = text(&out);
+    assert!(out.status.success(), "lintian:\n{said}");
+    let tags: Vec<&str> = said
+        .lines()
+        .filter(|l| l.starts_with("E:") || l.starts_with("W:"))
+        .collect();
+    assert!(tags.is_empty(), "lintian:\n{said}");
+}
+
+#[test]
+fn the_package_holds_every_file_and_marks_the_conffiles() {
+    let out = run(Command::new("dpkg-deb").arg("-c").arg(deb()));
+    assert!(out.status.success(), "{}", text(&out));
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut want = vec![
+        "./usr/bin/registrar".to_string(),
+        "./etc/registrar/registrar.yaml".into(),
+        "./etc/default/registrar".into(),
+        "./usr/share/bash-completion/completions/registrar".into(),
+        "./usr/share/zsh/vendor-completions/_registrar".into(),
+        "./usr/share/fish/vendor_completions.d/registrar.fish".into(),
+        "./usr/share/doc/registrar/copyright".into(),
+        "./usr/share/doc/registrar/changelog.gz".into(),
+        "./usr/share/man/man1/registrar.1.gz".into(),
+    ];
+    for unit in [
+        "registrar",
+        "registrar-register",
+        "registrar-render",
+        "registrar-dns",
+    ] {
+        want.push(format!("./usr/lib/systemd/system/{unit}.service"));
+    }
+    for command in [
+        "agent",
+        "register",
+        "deregister",
+        "check-config",
+        "maintenance",
+        "ls",
+        "watch",
+        "wait",
+        "render",
+        "dns",
+        "completions",
+        "man",
+    ] {
+        want.push(format!("./usr/share/man/man1/registrar-{command}.1.gz"));
+    }
+    for file in &want {
+        assert!(
+            listing.lines().any(|l| l.ends_with(&format!(" {file}"))),
+            "{file} is not in the package:\n{listing}"
+        );
+    }
+    // The config may hold a password: root only.
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("-rw------- 0/0")
+                && l.ends_with("./etc/registrar/registrar.yaml")),
+        "{listing}"
+    );
+
+    let control = tempfile::tempdir().unwrap();
+    let out = run(Command::new("dpkg-deb")
+        .arg("-e")
+        .arg(deb())
+        .arg(control.path()));
+    assert!(out.status.success(), "{}", text(&out));
+    let conffiles = std::fs::read_to_string(control.path().join("conffiles")).unwrap();
+    let mut listed: Vec<&str> = conffiles.lines().collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        ["/etc/default/registrar", "/etc/registrar/registrar.yaml"],
+        "{conffiles}"
+    );
+    // Installed, not started: no maintainer script enables or starts a unit.
+    for script in ["postinst", "preinst", "prerm", "postrm"] {
+        if let Ok(text) = std::fs::read_to_string(control.path().join(script)) {
+            assert!(
+                !text.contains("enable") && !text.contains("start"),
+                "{script} enables or starts a unit:\n{text}"
+            );
+        }
+    }
+    let fields = std::fs::read_to_string(control.path().join("control")).unwrap();
+    assert!(fields.contains("\nDepends: libc6"), "{fields}");
+}
+
+#[test]
+fn installed_units_pass_systemd_analyze_verify_with_their_man_page() {
+    let root = unpacked();
+    // The package's /usr over this machine's, in a mount namespace of
+    // this command only: the units see /usr/bin/registrar, /bin/kill and
+    // systemd's own units, and `man` finds registrar(1).
+    let script = format!(
+        "mount -t overlay overlay -o lowerdir={}/usr:/usr /usr && \
+         man -w registrar >/dev/null && \
+         systemd-analyze verify --man=yes /usr/lib/systemd/system/registrar.service \
+           /usr/lib/systemd/system/registrar-register.service \
+           /usr/lib/systemd/system/registrar-render.service \
+           /usr/lib/systemd/system/registrar-dns.service",
+        root.path().display()
+    );
+    let out = run(Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(&script));
+    assert!(
+        out.status.success(),
+        "this test needs `unshare --mount` (root) and overlayfs; verify said:\n{}",
+        text(&out)
+    );
+    assert!(
+        !text(&out).contains("registrar"),
+        "verify warned about a unit:\n{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn the_units_are_the_repository_units_with_the_binary_in_usr_bin() {
+    let root = unpacked();
+    for unit in [
+        "registrar",
+        "registrar-register",
+        "registrar-render",
+        "registrar-dns",
+    ] {
+        let source = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("systemd/{unit}.service")),
+        )
+        .unwrap();
+        let packaged = std::fs::read_to_string(
+            root.path()
+                .join(format!("usr/lib/systemd/system/{unit}.service")),
+        )
+        .unwrap();
+        assert_eq!(
+            packaged,
+            source.replace("/opt/bin/registrar", "/usr/bin/registrar"),
+            "{unit}.service differs from systemd/{unit}.service"
+        );
+        assert!(!packaged.contains("/opt/bin"), "{unit}");
+    }
+}
+
+#[test]
+fn the_packaged_binary_runs_and_its_config_is_a_commented_template() {
+    let root = unpacked();
+    let bin = root.path().join("usr/bin/registrar");
+    let out = run(Command::new(&bin).arg("--version"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("registrar {}", env!("CARGO_PKG_VERSION"))
+    );
+    // Every setting is commented out: the file loads, and check-config and
+    // the agent say what is missing before the agent can run.
+    let config = root.path().join("etc/registrar/registrar.yaml");
+    let text_of = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        text_of
+            .lines()
+            .all(|l| l.trim().is_empty() || l.starts_with('#')),
+        "{text_of}"
+    );
+    for command in ["check-config", "agent"] {
+        let out = run(Command::new(&bin)
+            .args([command, "--config"])
+            .arg(&config)
+            .env_clear());
+        assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+        for missing in ["dc is not set", "no role is set"] {
+            assert!(text(&out).contains(missing), "{}", text(&out));
+        }
+    }
+}
