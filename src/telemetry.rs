@@ -54,6 +54,10 @@ struct LeaseState {
     ttl: Duration,
     last_ok: Option<Instant>,
     registered: bool,
+    /// Registered at least once since the start: before that the keep-alive
+    /// age is NaN (a lease kept alive for a registration that conflicts is
+    /// no registration).
+    ever_registered: bool,
 }
 
 /// The agent's metrics. Cheap to clone; every clone shares the values.
@@ -241,7 +245,10 @@ impl Metrics {
     /// The metrics in Prometheus text format.
     pub fn render(&self) -> String {
         if let Ok(s) = self.state.lock() {
-            let age = s.last_ok.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
+            let age = s
+                .last_ok
+                .filter(|_| s.ever_registered)
+                .map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
             self.keepalive_age.set(age);
         }
         let mut text = String::new();
@@ -389,6 +396,7 @@ impl crate::lease::Observer for Telemetry {
             .set(i64::try_from(lease.ttl.as_secs()).unwrap_or(i64::MAX));
         if let Ok(mut s) = self.metrics.state.lock() {
             s.registered = true;
+            s.ever_registered = true;
             s.ttl = lease.ttl;
             s.last_ok = Some(Instant::now());
         }
@@ -699,7 +707,12 @@ pub async fn serve<M: Exposed>(
         let cancel = cancel.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let answer = answer(&metrics, req.method(), req.uri().path());
+                let openmetrics = req
+                    .headers()
+                    .get(hyper::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("application/openmetrics-text"));
+                let answer = answer(&metrics, req.method(), req.uri().path(), openmetrics);
                 async move { Ok::<_, std::convert::Infallible>(answer) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -712,18 +725,54 @@ pub async fn serve<M: Exposed>(
     }
 }
 
+/// OpenMetrics text as the classic Prometheus text format (0.0.4), for
+/// clients that do not ask for OpenMetrics (curl, `promtool check
+/// metrics`, older scrapers): a counter's HELP and TYPE name its `_total`
+/// sample, and there is no `# EOF`. Prometheus asks for OpenMetrics.
+pub fn classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(l.trim_end()),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// The answer to one request of the metrics server.
 fn answer<M: Exposed>(
     metrics: &M,
     method: &hyper::Method,
     path: &str,
+    openmetrics: bool,
 ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
     use hyper::{StatusCode, header};
     let (status, content_type, body) = match (path, method == hyper::Method::GET) {
-        ("/metrics", true) => (
+        ("/metrics", true) if openmetrics => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.render(),
+        ),
+        ("/metrics", true) => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            classic_text(&metrics.render()),
         ),
         ("/health", true) => match metrics.health() {
             Ok(text) => (StatusCode::OK, "text/plain", text.into()),

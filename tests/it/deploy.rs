@@ -268,7 +268,33 @@ async fn metrics_and_health_follow_registration_and_lease_loss() {
         text.contains("registrar_check_duration_seconds{check=\"disk\"}"),
         "{text}"
     );
-    assert!(text.trim_end().ends_with("# EOF"), "not OpenMetrics text");
+    // curl and promtool get the classic text format; Prometheus asks for
+    // OpenMetrics and gets it.
+    assert!(!text.contains("# EOF"), "{text}");
+    assert!(
+        text.contains("# TYPE registrar_registrations_total counter"),
+        "{text}"
+    );
+    let open = reqwest::Client::new()
+        .get(format!("{base}/metrics"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        open.trim_end().ends_with("# EOF"),
+        "not OpenMetrics text: {open}"
+    );
+    assert!(
+        open.contains("# TYPE registrar_registrations counter"),
+        "{open}"
+    );
     // Every error class is there from the start, at 0; no conflict.
     for kind in ["retry", "auth", "tls", "fatal", "lease_gone"] {
         assert!(

@@ -12,6 +12,7 @@ mod etcd_errors;
 mod faults;
 mod lease_session;
 mod one_shot;
+mod prometheus;
 mod render;
 mod security;
 mod soak;
