@@ -131,14 +131,39 @@ fn the_package_holds_every_file_and_marks_the_conffiles() {
         ["/etc/default/registrar", "/etc/registrar/registrar.yaml"],
         "{conffiles}"
     );
-    // Installed, not started: no maintainer script enables or starts a unit.
-    for script in ["postinst", "preinst", "prerm", "postrm"] {
-        if let Ok(text) = std::fs::read_to_string(control.path().join(script)) {
+    // Installed, not started: the scripts are debhelper's systemd snippets,
+    // which start nothing, enable a unit again only when the admin had it
+    // enabled (an upgrade), restart only a running one, and stop the units
+    // on removal.
+    let postinst = std::fs::read_to_string(control.path().join("postinst")).unwrap_or_default();
+    let lines: Vec<&str> = postinst.lines().map(str::trim).collect();
+    for (i, line) in lines.iter().enumerate() {
+        assert!(
+            !line.contains("deb-systemd-invoke start") && !line.contains("systemctl start"),
+            "postinst starts a unit:\n{postinst}"
+        );
+        if line.starts_with("deb-systemd-helper enable") {
             assert!(
-                !text.contains("enable") && !text.contains("start"),
-                "{script} enables or starts a unit:\n{text}"
+                lines[..i]
+                    .iter()
+                    .rev()
+                    .take(3)
+                    .any(|l| l.contains("was-enabled")),
+                "postinst enables a unit the admin did not enable:\n{postinst}"
             );
         }
+    }
+    let prerm = std::fs::read_to_string(control.path().join("prerm")).unwrap_or_default();
+    for unit in [
+        "registrar",
+        "registrar-register",
+        "registrar-render",
+        "registrar-dns",
+    ] {
+        assert!(
+            prerm.contains(&format!("deb-systemd-invoke stop {unit}.service")),
+            "prerm does not stop {unit}:\n{prerm}"
+        );
     }
     let fields = std::fs::read_to_string(control.path().join("control")).unwrap();
     assert!(fields.contains("\nDepends: libc6"), "{fields}");
