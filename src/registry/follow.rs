@@ -9,6 +9,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use etcd_client::{EventType, GetOptions, WatchOptions, WatchStream};
 
 use super::{HostId, HostView, Malformed, Registry};
@@ -37,6 +39,10 @@ pub struct Follower<'a> {
     rotation: Rotation,
     outage: Outage,
     pending: VecDeque<Batch>,
+    /// When the stream last said anything, and whether a progress request
+    /// is waiting for its answer (see [`Follower::next`]).
+    heard: Instant,
+    probing: bool,
 }
 
 impl<'a> Follower<'a> {
@@ -57,6 +63,8 @@ impl<'a> Follower<'a> {
             rotation: etcd.rotation(None, Policy::STANDARD),
             outage: Outage::new("cannot watch the registry"),
             pending: VecDeque::new(),
+            heard: Instant::now(),
+            probing: false,
         };
         let bad = f.resnapshot().await?;
         Ok((f, bad))
@@ -95,9 +103,23 @@ impl<'a> Follower<'a> {
         .await
     }
 
+    /// How long the stream may be silent before it is asked for progress,
+    /// and how long the answer may take: a paused or partitioned member
+    /// keeps a watch stream open and silent, with no error, so silence is
+    /// all there is to notice it by.
+    fn silence(&self) -> (Duration, Duration) {
+        let answer = self.etcd.request_timeout().max(Duration::from_millis(500));
+        (answer * 2, answer)
+    }
+
     /// Waits for the next revision that touched a host. Malformed keys met
     /// on the way are passed to `report`. Never gives up on an unreachable
     /// etcd (it retries with backoff); returns only fatal errors.
+    ///
+    /// A stream silent for twice the request timeout is asked for progress
+    /// (a cheap request that needs no raft write); one that does not answer
+    /// within the request timeout is given up, and the watch resumes from
+    /// the last applied revision on the next endpoint.
     pub async fn next(&mut self, report: &mut dyn FnMut(Malformed)) -> Result<Batch, EtcdError> {
         if let Some(b) = self.pending.pop_front() {
             return Ok(b);
@@ -111,6 +133,8 @@ impl<'a> Follower<'a> {
                             tracing::info!("watching the registry again {}", ended.describe());
                         }
                         self.stream = Some(s);
+                        self.heard = Instant::now();
+                        self.probing = false;
                     }
                     Err(e) if e.class().fails_over() => {
                         self.outage.failed(&e);
@@ -124,10 +148,32 @@ impl<'a> Follower<'a> {
             // The stream stays in `self` while this waits, so dropping this
             // future (render and dns poll it inside select!) keeps the watch;
             // tonic's `message()` keeps its state in the stream.
+            let (quiet, answer) = self.silence();
+            let deadline = self.heard + if self.probing { quiet + answer } else { quiet };
             let Some(stream) = self.stream.as_mut() else {
                 continue;
             };
-            let msg = stream.message().await;
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = tokio::time::sleep_until(deadline) => {
+                    if !self.probing {
+                        self.probing = true;
+                        let asked = tokio::time::timeout(answer, stream.request_progress()).await;
+                        if matches!(asked, Ok(Ok(()))) {
+                            continue;
+                        }
+                    }
+                    tracing::warn!(
+                        endpoint = self.etcd.endpoint(self.rotation.endpoint()),
+                        "the watch's member stopped answering (a paused or partitioned member); resuming on another endpoint"
+                    );
+                    self.stream = None;
+                    self.rotation.failed(self.etcd);
+                    continue;
+                }
+            };
+            self.heard = Instant::now();
+            self.probing = false;
             let resp = match msg {
                 Ok(Some(r)) => r,
                 Ok(None) | Err(_) => {

@@ -1151,3 +1151,58 @@ async fn srv_min_withholds_srv_answers_and_a_sighup_changes_it() {
     .await;
     assert!(dns.log().contains("new srv_min in force"), "{}", dns.log());
 }
+
+/// A paused member keeps a watch stream open and silent, with no error.
+/// The mirror notices the silence (a progress request goes unanswered),
+/// resumes on another member, and the answers follow the registry again.
+#[tokio::test]
+async fn answers_follow_the_registry_when_the_watched_member_is_paused() {
+    let cluster = Cluster::start(3).await;
+    let eps = cluster.endpoint_list();
+    let mut c = cluster.client().await;
+    let lease = c.lease_grant(600, None).await.unwrap().id();
+    put_hosts(&mut c, lease, &web_hosts()[..2]).await;
+    let before: Vec<u64> = watch_counts(&cluster).await;
+    let port = free_port();
+    let dns = dns(&eps, port, &["--request-timeout", "1s"]).await;
+    let after = watch_counts(&cluster).await;
+    let watched = (0..3)
+        .find(|&i| after[i] > before[i])
+        .expect("a member with the dns watch");
+    cluster.ensure_not_leader(watched).await;
+    cluster.signal(watched, nix::sys::signal::Signal::SIGSTOP);
+    let other = (watched + 1) % 3;
+    let mut c = cluster.client_of(other).await;
+    c.put(
+        format!("{P}/dc1/web/w1/health"),
+        "critical",
+        Some(PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .unwrap();
+    let udp = Udp::to(port).await;
+    eventually(
+        Duration::from_secs(20),
+        "the change in the answers",
+        || async {
+            let got = udp.data("web.dc1.registry.internal.", RecordType::A).await;
+            if got == ["10.0.0.2"] {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+    assert!(dns.log().contains("stopped answering"), "{}", dns.log());
+    cluster.signal(watched, nix::sys::signal::Signal::SIGCONT);
+}
+
+/// Each member's count of watch streams started.
+async fn watch_counts(cluster: &Cluster) -> Vec<u64> {
+    let mut v = Vec::new();
+    for i in 0..cluster.members.len() {
+        v.push(cluster.watch_streams(i).await);
+    }
+    v
+}
