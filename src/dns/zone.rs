@@ -78,11 +78,11 @@ fn chunk(name: &Name, qtype: RecordType, record: &Record) -> Option<Chunk> {
 /// The records one owner put at one name, with their wire forms.
 #[derive(Debug, Default)]
 struct Records {
-    a: Vec<Record>,
-    aaaa: Vec<Record>,
-    srv: Vec<Record>,
+    a: Vec<Arc<Record>>,
+    aaaa: Vec<Arc<Record>>,
+    srv: Vec<Arc<Record>>,
     /// The A/AAAA records of the SRV targets (the additional section).
-    targets: Vec<Record>,
+    targets: Vec<Arc<Record>>,
     /// A role or SRV name: its answers are shuffled per question.
     shuffled: bool,
     /// The same records as chunks, section by section.
@@ -105,7 +105,7 @@ impl Records {
         }
     }
 
-    fn push_address(&mut self, record: Record, chunk: Option<&Chunk>) {
+    fn push_address(&mut self, record: Arc<Record>, chunk: Option<&Chunk>) {
         match record.record_type() {
             RecordType::AAAA => {
                 self.aaaa.push(record);
@@ -130,9 +130,9 @@ struct Node {
 struct HostEntry {
     name: LowerName,
     /// Its address under its own name.
-    addr: (Record, Option<Chunk>),
+    addr: (Arc<Record>, Option<Chunk>),
     /// Its address under its role's name.
-    role_addr: (Record, Option<Chunk>),
+    role_addr: (Arc<Record>, Option<Chunk>),
     /// Passing and not in maintenance (or warning, with allow_warning).
     usable: bool,
     srv: Vec<ServiceRecords>,
@@ -143,7 +143,7 @@ struct HostEntry {
 struct ServiceRecords {
     service: String,
     /// Owner `_<service>._tcp.<role>.<dc>`, target the host.
-    srv: (Record, Option<Chunk>),
+    srv: (Arc<Record>, Option<Chunk>),
     /// The host's address, for the additional section of that SRV name.
     target: Option<Chunk>,
 }
@@ -342,15 +342,21 @@ impl Zone {
                 Some(ServiceRecords {
                     service: service.clone(),
                     target: chunk(&name, RecordType::SRV, &addr),
-                    srv: (record.clone(), chunk(&name, RecordType::SRV, &record)),
+                    srv: (
+                        Arc::new(record.clone()),
+                        chunk(&name, RecordType::SRV, &record),
+                    ),
                 })
             })
             .collect();
         let role_addr = address(&role_name, ip, ttl);
         let entry = HostEntry {
             name: LowerName::from(&host_name),
-            addr: (addr.clone(), chunk(&host_name, qtype, &addr)),
-            role_addr: (role_addr.clone(), chunk(&role_name, qtype, &role_addr)),
+            addr: (Arc::new(addr.clone()), chunk(&host_name, qtype, &addr)),
+            role_addr: (
+                Arc::new(role_addr.clone()),
+                chunk(&role_name, qtype, &role_addr),
+            ),
             usable: self.usable(host),
             srv,
         };
@@ -531,19 +537,21 @@ impl Zone {
         let mut answers: Vec<&Record> = Vec::new();
         let mut additionals: Vec<&Record> = Vec::new();
         match qtype {
-            RecordType::A => answers.extend(parts().flat_map(|r| &r.a)),
-            RecordType::AAAA => answers.extend(parts().flat_map(|r| &r.aaaa)),
+            RecordType::A => answers.extend(parts().flat_map(|r| r.a.iter().map(|a| &**a))),
+            RecordType::AAAA => answers.extend(parts().flat_map(|r| r.aaaa.iter().map(|a| &**a))),
             RecordType::SRV => {
-                answers.extend(parts().flat_map(|r| &r.srv));
-                additionals.extend(parts().flat_map(|r| &r.targets));
+                answers.extend(parts().flat_map(|r| r.srv.iter().map(|a| &**a)));
+                additionals.extend(parts().flat_map(|r| r.targets.iter().map(|a| &**a)));
             }
             RecordType::SOA if apex => answers.push(&self.soa),
             RecordType::ANY => {
-                answers.extend(parts().flat_map(|r| r.a.iter().chain(&r.aaaa).chain(&r.srv)));
+                answers.extend(
+                    parts().flat_map(|r| r.a.iter().chain(&r.aaaa).chain(&r.srv).map(|a| &**a)),
+                );
                 if apex {
                     answers.push(&self.soa);
                 }
-                additionals.extend(parts().flat_map(|r| &r.targets));
+                additionals.extend(parts().flat_map(|r| r.targets.iter().map(|a| &**a)));
             }
             _ => {}
         }
