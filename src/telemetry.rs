@@ -251,11 +251,7 @@ impl Metrics {
                 .map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
             self.keepalive_age.set(age);
         }
-        let mut text = String::new();
-        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
-            text = "# encoding failed\n".into();
-        }
-        text
+        encode(&self.registry)
     }
 }
 
@@ -571,11 +567,7 @@ impl RenderMetrics {
 
 impl Exposed for RenderMetrics {
     fn render(&self) -> String {
-        let mut text = String::new();
-        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
-            text = "# encoding failed\n".into();
-        }
-        text
+        encode(&self.registry)
     }
     fn health(&self) -> Result<&'static str, &'static str> {
         if self.ready.load(std::sync::atomic::Ordering::Relaxed) {
@@ -667,11 +659,7 @@ impl DnsMetrics {
 
 impl Exposed for DnsMetrics {
     fn render(&self) -> String {
-        let mut text = String::new();
-        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
-            text = "# encoding failed\n".into();
-        }
-        text
+        encode(&self.registry)
     }
     fn health(&self) -> Result<&'static str, &'static str> {
         if self.ready.load(std::sync::atomic::Ordering::Relaxed) {
@@ -680,6 +668,15 @@ impl Exposed for DnsMetrics {
             Err("the registry has not been read yet\n")
         }
     }
+}
+
+/// A registry as OpenMetrics text.
+fn encode(registry: &Registry) -> String {
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
+        text = "# encoding failed\n".into();
+    }
+    text
 }
 
 /// Serves `/metrics` and `/health` until `cancel`: HTTP/1.1 on hyper, one

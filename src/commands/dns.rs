@@ -1,7 +1,7 @@
 //! `registrar dns`: see [`crate::dns`]. Here: the flags, the sockets and
 //! exit codes.
 
-use super::{Control, Failure, etcd_failure, exit};
+use super::{Control, Failure, etcd_failure, exit, serve_metrics};
 use crate::agent::reload::Reloads;
 use crate::cli::DnsArgs;
 use crate::config::Config;
@@ -42,23 +42,7 @@ pub async fn run(config: Config, args: &DnsArgs, control: Control) -> Result<(),
         tracing::info!(%addr, domain = %args.domain, "serving DNS (UDP and TCP)");
     }
     let metrics = crate::telemetry::DnsMetrics::new();
-    let serving = control.cancel.child_token();
-    let _stop_serving = serving.clone().drop_guard();
-    if let Some(addr) = config.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            Failure::new(
-                exit::RUNTIME,
-                anyhow::anyhow!("metrics_listen: cannot listen on {addr}: {e}"),
-            )
-        })?;
-        tracing::info!(%addr, "serving /metrics and /health");
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::telemetry::serve(listener, m, serving).await {
-                tracing::error!(error = %e, "the metrics server failed");
-            }
-        });
-    }
+    let _serving = serve_metrics(config.metrics_listen, &metrics, &control.cancel).await?;
     let reloads = control.load.map(|load| Reloads {
         notify: control.reload.clone(),
         load,

@@ -132,6 +132,35 @@ fn register_failure(e: RegisterError, etcd: &Etcd) -> Failure {
     }
 }
 
+/// Serves `/metrics` and `/health` of a consumer (`render`, `dns`) on
+/// `addr`, when set, until the returned guard drops or `cancel` fires. A
+/// taken port is exit 1 (systemd retries), as for the agent.
+async fn serve_metrics<M: crate::telemetry::Exposed>(
+    addr: Option<std::net::SocketAddr>,
+    metrics: &M,
+    cancel: &CancellationToken,
+) -> Result<tokio_util::sync::DropGuard, Failure> {
+    let serving = cancel.child_token();
+    let guard = serving.clone().drop_guard();
+    let Some(addr) = addr else {
+        return Ok(guard);
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        Failure::new(
+            exit::RUNTIME,
+            anyhow::anyhow!("metrics_listen: cannot listen on {addr}: {e}"),
+        )
+    })?;
+    tracing::info!(%addr, "serving /metrics and /health");
+    let metrics = metrics.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::telemetry::serve(listener, metrics, serving).await {
+            tracing::error!(error = %e, "the metrics server failed");
+        }
+    });
+    Ok(guard)
+}
+
 /// Reports a key or value that does not follow the layout, and moves on.
 fn report_malformed(m: crate::registry::Malformed) {
     eprintln!("registrar: skipping malformed key {}: {}", m.key, m.why);

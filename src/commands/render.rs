@@ -1,6 +1,6 @@
 //! `registrar render`: see [`crate::render`]. Here: exit codes.
 
-use super::{Control, Failure, etcd_failure, exit};
+use super::{Control, Failure, etcd_failure, exit, serve_metrics};
 use crate::agent::reload::Reloads;
 use crate::cli::RenderArgs;
 use crate::config::Config;
@@ -19,26 +19,10 @@ pub async fn run(config: Config, args: &RenderArgs, control: Control) -> Result<
         load,
     });
     let metrics = crate::telemetry::RenderMetrics::new();
-    let serving = control.cancel.child_token();
-    let _stop_serving = serving.clone().drop_guard();
-    if let Some(addr) = config
+    let listen = config
         .metrics_listen
-        .filter(|_| !args.once && !args.dry_run)
-    {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            Failure::new(
-                exit::RUNTIME,
-                anyhow::anyhow!("metrics_listen: cannot listen on {addr}: {e}"),
-            )
-        })?;
-        tracing::info!(%addr, "serving /metrics and /health");
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::telemetry::serve(listener, m, serving).await {
-                tracing::error!(error = %e, "the metrics server failed");
-            }
-        });
-    }
+        .filter(|_| !args.once && !args.dry_run);
+    let _serving = serve_metrics(listen, &metrics, &control.cancel).await?;
     crate::render::run(config, &etcd, options, &control.cancel, reloads, &metrics)
         .await
         .map_err(|e| match e {
