@@ -130,12 +130,7 @@ pub async fn run(composer: Composer, cancel: CancellationToken, tasks: TaskTrack
                 }
             });
         }
-        let reloaded = async {
-            match &notify {
-                Some(n) => n.notified().await,
-                None => std::future::pending().await,
-            }
-        };
+        let reloaded = reload::sighup(notify.as_deref());
         tokio::select! {
             _ = cancel.cancelled() => return,
             r = checks.rx.changed() => {

@@ -21,6 +21,15 @@ pub struct Reloads {
     pub load: Reload,
 }
 
+/// The next SIGHUP, or never when there is no `notify` (a command run
+/// without reloads).
+pub async fn sighup(notify: Option<&Notify>) {
+    match notify {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The new configuration, validated, or `None` (said in the log) when it
 /// cannot be used. Warns about changes that take a restart.
 pub fn load(load: &Reload, old: &Config) -> Option<Config> {

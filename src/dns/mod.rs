@@ -180,7 +180,7 @@ async fn follow(
                 touched.clear();
             }
             _ = watchdog.tick() => crate::telemetry::notify_watchdog(),
-            _ = reloaded(&reloads) => {
+            _ = crate::agent::reload::sighup(reloads.as_ref().map(|r| r.notify.as_ref())) => {
                 let Some(r) = &reloads else { continue };
                 match (r.load)() {
                     Err(e) => tracing::error!("reload refused, the old configuration stays in force: {e}"),
@@ -198,14 +198,6 @@ async fn follow(
                 }
             }
         }
-    }
-}
-
-/// The next SIGHUP, or never without reloads.
-async fn reloaded(reloads: &Option<Reloads>) {
-    match reloads {
-        Some(r) => r.notify.notified().await,
-        None => std::future::pending().await,
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::reload::Reloads;
+use crate::agent::reload::{self, Reloads};
 use crate::config::{Config, TemplateSpec};
 use crate::etcd::{Etcd, EtcdError};
 use crate::registry::follow::Follower;
@@ -188,12 +188,7 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
-        let reloaded = async {
-            match &notify {
-                Some(n) => n.notified().await,
-                None => std::future::pending().await,
-            }
-        };
+        let reloaded = reload::sighup(notify.as_deref());
         let mut report = |m: crate::registry::Malformed| {
             tracing::debug!(key = m.key, why = m.why, "skipping a malformed key");
         };
