@@ -44,6 +44,16 @@ async fn put_hosts(c: &mut Client, lease: i64, hosts: &[Host<'_>]) {
     }
 }
 
+/// An `members`-member cluster holding `hosts` under one lease: the
+/// cluster, a client, and the lease.
+async fn registry(members: usize, hosts: &[Host<'_>]) -> (Cluster, Client, i64) {
+    let cluster = Cluster::start(members).await;
+    let mut c = cluster.client().await;
+    let lease = c.lease_grant(600, None).await.unwrap().id();
+    put_hosts(&mut c, lease, hosts).await;
+    (cluster, c, lease)
+}
+
 /// `registrar dns` on 127.0.0.1:`port`, answering once it has read the registry.
 async fn dns(eps: &str, port: u16, extra: &[&str]) -> Agent {
     let mut command = registrar();
@@ -218,11 +228,8 @@ fn web_hosts() -> Vec<Host<'static>> {
 /// Every name form of contract section 7, asked with dig over UDP and TCP.
 #[tokio::test]
 async fn dig_gets_every_name_form_as_the_contract_says() {
-    let cluster = Cluster::start(1).await;
+    let (cluster, mut c, lease) = registry(1, &web_hosts()).await;
     let eps = cluster.endpoint_list();
-    let mut c = cluster.client().await;
-    let lease = c.lease_grant(600, None).await.unwrap().id();
-    put_hosts(&mut c, lease, &web_hosts()).await;
     c.put(
         format!("{P}/dc1/web/w5/maintenance"),
         "kernel upgrade",
@@ -358,10 +365,6 @@ async fn dig_gets_every_name_form_as_the_contract_says() {
 /// left to itself retries over TCP and gets all 100.
 #[tokio::test]
 async fn udp_truncates_and_tcp_carries_a_role_of_100_hosts() {
-    let cluster = Cluster::start(1).await;
-    let eps = cluster.endpoint_list();
-    let mut c = cluster.client().await;
-    let lease = c.lease_grant(600, None).await.unwrap().id();
     let paths: Vec<(String, String)> = (0..100)
         .map(|i| (format!("dc1/big/h{i}"), format!("10.1.0.{i}")))
         .collect();
@@ -374,7 +377,8 @@ async fn udp_truncates_and_tcp_carries_a_role_of_100_hosts() {
             services: &[("http", 80)],
         })
         .collect();
-    put_hosts(&mut c, lease, &hosts).await;
+    let (cluster, _, _) = registry(1, &hosts).await;
+    let eps = cluster.endpoint_list();
     let port = free_port();
     let _dns = dns(&eps, port, &[]).await;
 
@@ -419,11 +423,8 @@ async fn udp_truncates_and_tcp_carries_a_role_of_100_hosts() {
 /// questions by type and rcode and show the revision answered from.
 #[tokio::test]
 async fn changes_reach_answers_at_once_and_questions_cost_etcd_nothing() {
-    let cluster = Cluster::start(1).await;
+    let (cluster, mut c, lease) = registry(1, &web_hosts()[..4]).await;
     let eps = cluster.endpoint_list();
-    let mut c = cluster.client().await;
-    let lease = c.lease_grant(600, None).await.unwrap().id();
-    put_hosts(&mut c, lease, &web_hosts()[..4]).await;
     let port = free_port();
     let metrics_port = free_port();
     let metrics = format!("127.0.0.1:{metrics_port}");
@@ -563,11 +564,8 @@ async fn changes_reach_answers_at_once_and_questions_cost_etcd_nothing() {
 /// keeps the last answers.
 #[tokio::test]
 async fn servfail_until_the_registry_is_read_then_answers_survive_etcd_down() {
-    let mut cluster = Cluster::start(1).await;
+    let (mut cluster, c, _) = registry(1, &web_hosts()[..2]).await;
     let eps = cluster.endpoint_list();
-    let mut c = cluster.client().await;
-    let lease = c.lease_grant(600, None).await.unwrap().id();
-    put_hosts(&mut c, lease, &web_hosts()[..2]).await;
     drop(c);
     cluster.kill(0);
     let port = free_port();
@@ -1075,11 +1073,8 @@ async fn etcd_bootstraps_from_dns_srv_in_a_namespace_behind_the_quorum_gate() {
 /// applies a new `srv_min` at once.
 #[tokio::test]
 async fn srv_min_withholds_srv_answers_and_a_sighup_changes_it() {
-    let cluster = Cluster::start(1).await;
+    let (cluster, mut c, lease) = registry(1, &web_hosts()[..4]).await;
     let eps = cluster.endpoint_list();
-    let mut c = cluster.client().await;
-    let lease = c.lease_grant(600, None).await.unwrap().id();
-    put_hosts(&mut c, lease, &web_hosts()[..4]).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("dns.yaml");
     std::fs::write(
@@ -1157,11 +1152,8 @@ async fn srv_min_withholds_srv_answers_and_a_sighup_changes_it() {
 /// resumes on another member, and the answers follow the registry again.
 #[tokio::test]
 async fn answers_follow_the_registry_when_the_watched_member_is_paused() {
-    let cluster = Cluster::start(3).await;
+    let (cluster, _, lease) = registry(3, &web_hosts()[..2]).await;
     let eps = cluster.endpoint_list();
-    let mut c = cluster.client().await;
-    let lease = c.lease_grant(600, None).await.unwrap().id();
-    put_hosts(&mut c, lease, &web_hosts()[..2]).await;
     let before: Vec<u64> = watch_counts(&cluster).await;
     let port = free_port();
     let dns = dns(&eps, port, &["--request-timeout", "1s"]).await;
