@@ -43,7 +43,8 @@ pub enum Command {
     /// Validate the configuration and print the effective values (without secrets).
     ///
     /// Every problem is reported at once, with the file, line and column where
-    /// it is known. Exits 78 when the configuration is invalid.
+    /// it is known. Exits 78 when the configuration is invalid. Checks an
+    /// agent's config, or render's or dns's (see --for).
     CheckConfig(CheckConfigArgs),
     /// Drain this host without stopping the agent: publish a `maintenance` key.
     ///
@@ -162,7 +163,7 @@ pub struct RenderArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub timeout: Duration,
     #[command(flatten)]
-    pub common: Common,
+    pub connection: Connection,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -273,8 +274,23 @@ pub struct OneShotArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct CheckConfigArgs {
+    /// Which command the config is for [default: render when it has
+    /// `templates:`, dns when it has `srv_min:`, else agent].
+    #[arg(long = "for", value_enum, value_name = "COMMAND")]
+    pub purpose: Option<Purpose>,
     #[command(flatten)]
     pub common: Common,
+}
+
+/// The commands whose config `check-config` checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Purpose {
+    /// The agent (and register, deregister): dc, roles, the host's identity.
+    Agent,
+    /// render: at least one template, each of which parses.
+    Render,
+    /// dns: the connection and srv_min.
+    Dns,
 }
 
 /// Output format of the logs (always on stderr).
@@ -404,7 +420,7 @@ pub struct Connection {
     #[arg(long, env = "REGISTRAR_REQUEST_TIMEOUT", value_parser = parse_duration)]
     pub request_timeout: Option<Duration>,
 
-    /// Serve Prometheus metrics and /health on this address, e.g. 127.0.0.1:9477 (agent only).
+    /// Serve Prometheus metrics and /health on this address, e.g. 127.0.0.1:9477.
     #[arg(long, env = "REGISTRAR_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<String>,
 
@@ -549,17 +565,9 @@ const AGENT_ONLY: &[&str] = &[
     "metrics_listen",
 ];
 
-/// The agent-only flags a reading command has no use for (`render` serves
-/// metrics too).
-fn agent_only(command: &str) -> impl Iterator<Item = &'static &'static str> {
-    let keeps_metrics = command == "render";
-    AGENT_ONLY
-        .iter()
-        .filter(move |id| !(keeps_metrics && **id == "metrics_listen"))
-}
-
-/// The commands that read the registry.
-const CONSUMERS: &[&str] = &["ls", "watch", "wait", "render"];
+/// The commands that read the registry with [`Common`]'s flags (`render`
+/// and `dns` take only [`Connection`]'s, so clap refuses the others).
+const CONSUMERS: &[&str] = &["ls", "watch", "wait"];
 
 /// The command line as clap parses it and `--help`, the man page and the
 /// completions show it: the consumers do not list the agent-only flags.
@@ -568,7 +576,7 @@ pub fn command() -> clap::Command {
     let mut cmd = Cli::command();
     for name in CONSUMERS {
         cmd = cmd.mut_subcommand(*name, |mut sub| {
-            for id in agent_only(name) {
+            for id in AGENT_ONLY {
                 sub = sub.mut_arg(*id, |a| a.hide(true));
             }
             sub

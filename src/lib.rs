@@ -11,6 +11,7 @@
 //! - [`etcd`]: per-endpoint clients, fail-over, timeouts, error classification.
 //! - [`backoff`]: the one retry policy (jittered exponential backoff).
 //! - [`check`]: health checks (exec, http, tcp), thresholds, the check runner.
+//! - [`child`]: the one bounded way to run a program (checks, render's commands).
 //! - [`registration`]: the conditional transactions over a host's keys:
 //!   write, update, conflict, takeover, verify, deregister.
 //! - [`lease`]: the lease session task: grant, keep-alive, loss, re-grant,
@@ -32,6 +33,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod check;
+pub mod child;
 pub mod cli;
 pub mod commands;
 pub mod config;

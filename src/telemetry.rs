@@ -295,6 +295,13 @@ pub fn notify_ready(status: &str) {
     }
 }
 
+/// STATUS= alone, for a service other than the agent (`registrar render`).
+pub fn notify_status(status: &str) {
+    if let Err(e) = send(&[NotifyState::Status(status)]) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
 /// WATCHDOG=1, for a service other than the agent (`registrar render`).
 pub fn notify_watchdog() {
     if let Err(e) = send(&[NotifyState::Watchdog]) {
@@ -489,6 +496,9 @@ pub struct RenderMetrics {
     pub min_hosts_refusals: Counter,
     pub rendered_revision: Gauge,
     pub registry_revision: Gauge,
+    /// Templates whose last render was refused by min_hosts (their
+    /// previous file stays).
+    pub held: Gauge,
     ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -511,6 +521,7 @@ impl RenderMetrics {
             min_hosts_refusals: Counter::default(),
             rendered_revision: Gauge::default(),
             registry_revision: Gauge::default(),
+            held: Gauge::default(),
             ready: Arc::default(),
         };
         for (name, help, c) in [
@@ -553,13 +564,18 @@ impl RenderMetrics {
             "The newest registry revision the watch has applied; minus rendered_revision, the lag",
             m.registry_revision.clone(),
         );
+        registry.register(
+            "held_templates",
+            "Templates whose last render was refused by min_hosts; their previous file stays",
+            m.held.clone(),
+        );
         RenderMetrics {
             registry: Arc::new(registry),
             ..m
         }
     }
 
-    /// Every template has rendered once.
+    /// Every template has rendered once (or is held by min_hosts).
     pub fn set_ready(&self) {
         self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -570,10 +586,12 @@ impl Exposed for RenderMetrics {
         encode(&self.registry)
     }
     fn health(&self) -> Result<&'static str, &'static str> {
-        if self.ready.load(std::sync::atomic::Ordering::Relaxed) {
-            Ok("rendered\n")
-        } else {
+        if !self.ready.load(std::sync::atomic::Ordering::Relaxed) {
             Err("not rendered yet\n")
+        } else if self.held.get() > 0 {
+            Ok("rendered; a template is held by min_hosts and its previous file stays\n")
+        } else {
+            Ok("rendered\n")
         }
     }
 }

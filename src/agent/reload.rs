@@ -53,14 +53,7 @@ pub fn load(load: &Reload, old: &Config) -> Option<Config> {
 /// The fields a reload cannot change on a running agent.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
-    let e = |a: &Config, b: &Config| {
-        a.etcd.endpoints == b.etcd.endpoints
-            && a.etcd.tls == b.etcd.tls
-            && a.etcd.user == b.etcd.user
-            && a.etcd.request_timeout == b.etcd.request_timeout
-            && a.etcd.connect_timeout == b.etcd.connect_timeout
-    };
-    if !e(old, new) {
+    if old.etcd != new.etcd {
         changed.push("the etcd connection");
     }
     if old.prefix != new.prefix {

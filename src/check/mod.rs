@@ -22,7 +22,7 @@ pub use runner::{CheckSet, Reported, Snapshot};
 
 /// Output kept per check result: stdout+stderr, or the HTTP status line and
 /// the head of the body.
-pub const MAX_OUTPUT: usize = 4096;
+pub use crate::child::MAX_OUTPUT;
 
 /// A check's status. The order is "worse is greater", so the host's health
 /// is the maximum over its checks.
@@ -117,16 +117,9 @@ impl Outcome {
     }
 }
 
-/// Truncates to [`MAX_OUTPUT`] bytes on a character boundary.
-pub fn cap_output(mut s: String) -> String {
-    if s.len() > MAX_OUTPUT {
-        let mut end = MAX_OUTPUT;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-    s
+/// Cuts to [`MAX_OUTPUT`] bytes on a character boundary.
+pub fn cap_output(s: String) -> String {
+    crate::child::cap_text(s, MAX_OUTPUT)
 }
 
 /// Runs a check once, bounded by its timeout.

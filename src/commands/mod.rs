@@ -303,13 +303,17 @@ fn man(dir: Option<&std::path::Path>) -> Result<Vec<u8>, Failure> {
     Ok(written.into_bytes())
 }
 
-/// The common part of the flags of any command (`dns` has only the
-/// connection part; it describes no host).
+/// The common part of the flags of any command (`dns` and `render` have
+/// only the connection part; they describe no host).
 fn common(cli: &Cli) -> Cow<'_, Common> {
     match &cli.command {
         Command::Completions { .. } | Command::Man { .. } => Cow::Owned(Common::default()),
         Command::Dns(d) => Cow::Owned(Common {
             connection: d.connection.clone(),
+            ..Common::default()
+        }),
+        Command::Render(r) => Cow::Owned(Common {
+            connection: r.connection.clone(),
             ..Common::default()
         }),
         Command::Agent(a) => Cow::Borrowed(&a.common),
@@ -320,7 +324,6 @@ fn common(cli: &Cli) -> Cow<'_, Common> {
         Command::Ls(l) => Cow::Borrowed(&l.one_shot.common),
         Command::Watch(w) => Cow::Borrowed(&w.common),
         Command::Wait(w) => Cow::Borrowed(&w.common),
-        Command::Render(r) => Cow::Borrowed(&r.common),
     }
 }
 
@@ -369,7 +372,7 @@ pub struct Control {
 pub async fn run(cli: Cli, config: Config, control: Control) -> Result<(), Failure> {
     let cancel = control.cancel.clone();
     match cli.command {
-        Command::CheckConfig(_) => check_config::run(&config),
+        Command::CheckConfig(args) => check_config::run(&config, &args),
         Command::Agent(_) => run_agent(config, Mode::Agent, control).await,
         Command::Register(args) if args.keep_alive => {
             run_agent(config, Mode::KeepAlive, control).await

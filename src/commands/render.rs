@@ -19,6 +19,7 @@ pub async fn run(config: Config, args: &RenderArgs, control: Control) -> Result<
         load,
     });
     let metrics = crate::telemetry::RenderMetrics::new();
+    // A one-shot run has nothing to serve for long.
     let listen = config
         .metrics_listen
         .filter(|_| !args.once && !args.dry_run);

@@ -30,7 +30,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cli::{Common, LogFormat};
-pub use raw::{RawCheck, RawConfig, RawDuration, RawTemplate};
+pub use raw::{RawCheck, RawConfig, RawDuration, RawSize, RawTemplate};
 
 pub use limits::{MAX_TXN_BYTES, MAX_TXN_OPS};
 
@@ -52,14 +52,20 @@ pub struct TemplateSpec {
     pub check: Option<Vec<String>>,
     pub reload: Option<Vec<String>>,
     pub wait_min: Duration,
-    /// Zero: no upper bound beyond `wait_min`.
+    /// At least `wait_min` (4 × `wait_min` when not set), so that changes
+    /// that never stop cannot starve a render.
     pub wait_max: Duration,
     pub min_hosts: Option<usize>,
     pub mode: Option<u32>,
     pub owner: Option<u32>,
     pub group: Option<u32>,
     pub command_timeout: Duration,
+    /// Output larger than this many bytes is refused.
+    pub max_output: usize,
 }
+
+/// `max_output` when a template does not set it.
+pub const DEFAULT_MAX_OUTPUT: usize = 64 << 20;
 
 /// User credentials for etcd. `Debug` and `Display` never show the password.
 #[derive(Clone, PartialEq, Eq)]
@@ -87,7 +93,7 @@ pub struct TlsFiles {
 }
 
 /// How to reach etcd.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     pub tls: Option<TlsFiles>,

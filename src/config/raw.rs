@@ -90,20 +90,73 @@ pub struct RawTemplate {
     /// Quiescence: render once the registry was quiet for `min`, and no
     /// later than `max` after the first unrendered change.
     pub wait: Option<RawWait>,
-    /// Refuse a render that lists fewer hosts.
+    /// Refuse a render that lists fewer hosts (hosts whose address it wrote).
     pub min_hosts: Option<usize>,
-    /// Octal file mode, e.g. "0644".
+    /// Octal file mode, e.g. "0644" (default: the current file's, else 0644).
     pub mode: Option<String>,
+    /// Owner of the file (default: the current file's, else render's user).
     pub owner: Option<String>,
+    /// Group of the file (default: the current file's, else render's group).
     pub group: Option<String>,
     /// Bound on `check` and `reload` (default 30s).
     pub command_timeout: Option<RawDuration>,
+    /// Refuse a render whose output is larger: bytes, or with a unit
+    /// (KiB, MiB, GiB), e.g. "64MiB" (the default).
+    pub max_output: Option<RawSize>,
 }
 
+/// A size as written in YAML: a number of bytes, or text with a unit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl RawSize {
+    /// Bytes, from `1048576`, `"512KiB"`, `"64MiB"` or `"1GiB"`.
+    pub fn parse(&self) -> Result<u64, String> {
+        let text = match self {
+            RawSize::Bytes(0) => return Err("must be greater than zero".into()),
+            RawSize::Bytes(n) => return Ok(*n),
+            RawSize::Text(t) => t.trim(),
+        };
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let unit_size: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            _ => {
+                return Err(format!(
+                    "{text:?} is not a size; write bytes or a number with KiB, MiB or GiB, e.g. \"64MiB\""
+                ));
+            }
+        };
+        match number
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(unit_size))
+        {
+            Some(0) => Err("must be greater than zero".into()),
+            Some(n) => Ok(n),
+            None => Err(format!(
+                "{text:?} is not a size; write bytes or a number with KiB, MiB or GiB, e.g. \"64MiB\""
+            )),
+        }
+    }
+}
+
+/// `wait: {min, max}` of a template.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWait {
+    /// Quiet time before a render (default 0: at once).
     pub min: Option<RawDuration>,
+    /// Longest delay after the first unrendered change (default 4 × min).
     pub max: Option<RawDuration>,
 }
 

@@ -124,7 +124,11 @@ pub(super) fn merge(
         checks: reports.checks,
         output_refresh: reports.output_refresh,
         metrics_listen: reports.metrics_listen,
-        templates: templates_field(&mut p, raw.templates.as_deref().unwrap_or_default()),
+        templates: templates_field(
+            &mut p,
+            raw.templates.as_deref().unwrap_or_default(),
+            env.get("PATH").map(String::as_str),
+        ),
         srv_min: srv_min_field(&mut p, raw.srv_min.as_ref()),
         source: file.map(|f| f.path.clone()),
         warnings,

@@ -127,11 +127,12 @@ fn readme_examples_are_valid_configs() {
         match load_yaml(yaml, Common::default()) {
             Ok(_) => {}
             Err(e) => {
-                // The examples point at certificates that only exist on a real host.
+                // The examples point at certificates, and run programs
+                // (haproxy, systemctl), that only exist on a real host.
                 let other: Vec<&String> = e
                     .problems
                     .iter()
-                    .filter(|p| !p.contains("is not a readable file"))
+                    .filter(|p| !p.contains("is not a readable file") && !p.contains("no program"))
                     .collect();
                 assert!(
                     other.is_empty(),

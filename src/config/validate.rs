@@ -571,11 +571,20 @@ pub(super) fn checks_field(
 }
 
 /// The templates of `registrar render`, validated: a readable source, an
-/// absolute destination in an existing directory, non-empty command argv,
-/// `wait.min` no longer than `wait.max`, an octal mode, known owner and
-/// group.
-pub(super) fn templates_field(p: &mut Problems, raw: &[super::RawTemplate]) -> Vec<TemplateSpec> {
+/// absolute destination in an existing directory, written by one template
+/// only (symlinks followed), commands whose program exists, `wait.min` no
+/// longer than `wait.max` (which defaults to 4 × `wait.min`), an octal mode
+/// that is neither setuid, setgid nor world-writable, known owner and
+/// group, a positive `max_output`. `search_path` is the `PATH` that
+/// programs without a `/` are looked up in.
+pub(super) fn templates_field(
+    p: &mut Problems,
+    raw: &[super::RawTemplate],
+    search_path: Option<&str>,
+) -> Vec<TemplateSpec> {
     let mut out = Vec::new();
+    // Each destination's final target → the first template writing it.
+    let mut targets: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
     for (i, t) in raw.iter().enumerate() {
         let label = t
             .destination
@@ -628,7 +637,24 @@ pub(super) fn templates_field(p: &mut Problems, raw: &[super::RawTemplate]) -> V
                 );
                 d.clone()
             }
-            Some(d) => d.clone(),
+            Some(d) => {
+                let target = crate::render::write::target(d).unwrap_or_else(|_| d.clone());
+                if let Some(first) = targets.get(&target) {
+                    p.push(
+                        &at("destination"),
+                        &field,
+                        format_args!(
+                            "destination {} is also written by the template of {}{}; give each file one template",
+                            d.display(),
+                            first.display(),
+                            if target == *d { String::new() } else { format!(" (both are {})", target.display()) }
+                        ),
+                    );
+                } else {
+                    targets.insert(target, d.clone());
+                }
+                d.clone()
+            }
         };
         let argv = |p: &mut Problems, sub: &str, v: &Option<Vec<String>>| match v {
             Some(argv) if argv.first().is_none_or(|a| a.is_empty()) => {
@@ -639,7 +665,13 @@ pub(super) fn templates_field(p: &mut Problems, raw: &[super::RawTemplate]) -> V
                 );
                 None
             }
-            other => other.clone(),
+            Some(argv) => {
+                if let Some(why) = argv.first().and_then(|prog| unrunnable(prog, search_path)) {
+                    p.push(&at(sub), &field, format_args!("{sub}: {why}"));
+                }
+                Some(argv.clone())
+            }
+            None => None,
         };
         let check = argv(p, "check", &t.check);
         let reload = argv(p, "reload", &t.reload);
@@ -657,8 +689,8 @@ pub(super) fn templates_field(p: &mut Problems, raw: &[super::RawTemplate]) -> V
             };
         let wait = t.wait.as_ref();
         let wait_min = dur(p, "wait", wait.and_then(|w| w.min.as_ref()), Duration::ZERO);
-        let wait_max = dur(p, "wait", wait.and_then(|w| w.max.as_ref()), Duration::ZERO);
-        if !wait_max.is_zero() && wait_min > wait_max {
+        let wait_max = dur(p, "wait", wait.and_then(|w| w.max.as_ref()), wait_min * 4);
+        if wait_min > wait_max {
             p.push(
                 &at("wait"),
                 &field,
@@ -677,6 +709,26 @@ pub(super) fn templates_field(p: &mut Problems, raw: &[super::RawTemplate]) -> V
         );
         let mode = t.mode.as_ref().and_then(|m| {
             match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
+                Ok(v) if v & 0o7000 != 0 && v <= 0o7777 => {
+                    p.push(
+                        &at("mode"),
+                        &field,
+                        format_args!(
+                            "mode {m:?} sets the setuid, setgid or sticky bit; a rendered config file needs none: give e.g. \"0644\""
+                        ),
+                    );
+                    None
+                }
+                Ok(v) if v & 0o002 != 0 && v <= 0o7777 => {
+                    p.push(
+                        &at("mode"),
+                        &field,
+                        format_args!(
+                            "mode {m:?} lets every user write the file, and so rewrite the service's config: give e.g. \"0644\""
+                        ),
+                    );
+                    None
+                }
                 Ok(v) if v <= 0o7777 => Some(v),
                 _ => {
                     p.push(
@@ -716,6 +768,24 @@ pub(super) fn templates_field(p: &mut Problems, raw: &[super::RawTemplate]) -> V
                     None
                 }
             });
+        let max_output = match &t.max_output {
+            None => DEFAULT_MAX_OUTPUT,
+            Some(raw) => match raw.parse().map(usize::try_from) {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => {
+                    p.push(
+                        &at("max_output"),
+                        &field,
+                        "max_output is too large for this machine",
+                    );
+                    DEFAULT_MAX_OUTPUT
+                }
+                Err(msg) => {
+                    p.push(&at("max_output"), &field, format_args!("max_output: {msg}"));
+                    DEFAULT_MAX_OUTPUT
+                }
+            },
+        };
         if p.list.len() == before {
             out.push(TemplateSpec {
                 source,
@@ -729,10 +799,34 @@ pub(super) fn templates_field(p: &mut Problems, raw: &[super::RawTemplate]) -> V
                 owner,
                 group,
                 command_timeout,
+                max_output,
             });
         }
     }
     out
+}
+
+/// Why `program` could not be started, if that can be told now: a path
+/// that is not an executable file, or a name that no directory of
+/// `search_path` has as one.
+fn unrunnable(program: &str, search_path: Option<&str>) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        return (!executable(Path::new(program)))
+            .then(|| format!("{program:?} is not an executable file"));
+    }
+    // Without PATH, systemd's default.
+    let dirs =
+        search_path.unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    if std::env::split_paths(dirs).any(|d| executable(&d.join(program))) {
+        return None;
+    }
+    Some(format!(
+        "no program {program:?} in PATH ({dirs}); install it or give its full path"
+    ))
 }
 
 /// `srv_min`, validated: each key is `<role>.<dc>` made of valid segments,

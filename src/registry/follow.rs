@@ -18,11 +18,14 @@ use crate::backoff::{Outage, Policy};
 use crate::etcd::{Etcd, EtcdError, Rotation, bounded};
 
 /// The changes of one revision: each touched host with its state before
-/// and after that revision.
+/// and after that revision, and every key that changed.
 #[derive(Debug)]
 pub struct Batch {
     pub revision: i64,
     pub changes: Vec<(HostId, Option<HostView>, Option<HostView>)>,
+    /// The keys put or deleted (after a re-read: the keys whose value
+    /// differs from the registry before it), malformed ones included.
+    pub keys: Vec<String>,
 }
 
 pub struct Follower<'a> {
@@ -241,10 +244,12 @@ impl<'a> Follower<'a> {
                         changes.push((id.clone(), before.cloned(), after.cloned()));
                     }
                 }
-                if !changes.is_empty() {
+                let keys = changed_keys(&old.raw, &self.registry.raw);
+                if !changes.is_empty() || !keys.is_empty() {
                     return Ok(Batch {
                         revision: self.revision,
                         changes,
+                        keys,
                     });
                 }
                 continue;
@@ -260,6 +265,7 @@ impl<'a> Follower<'a> {
             while i < events.len() {
                 let rev = events[i].kv().map(|kv| kv.mod_revision()).unwrap_or(0);
                 let mut before: BTreeMap<HostId, Option<HostView>> = BTreeMap::new();
+                let mut keys = Vec::new();
                 while i < events.len()
                     && events[i].kv().map(|kv| kv.mod_revision()).unwrap_or(0) == rev
                 {
@@ -267,21 +273,18 @@ impl<'a> Follower<'a> {
                     i += 1;
                     let Some(kv) = ev.kv() else { continue };
                     let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    let Some((dir, _)) = crate::layout::parse_key(&self.prefix, &key) else {
-                        report(Malformed {
-                            key,
-                            why: "not a registry key".into(),
-                        });
-                        continue;
-                    };
-                    let id = HostId {
-                        dc: dir.dc,
-                        role: dir.role,
-                        host: dir.host,
-                    };
-                    before
-                        .entry(id.clone())
-                        .or_insert_with(|| self.registry.hosts.get(&id).cloned());
+                    // Every key goes through the registry, so that its raw
+                    // keys are what a fresh read would find.
+                    if let Some((dir, _)) = crate::layout::parse_key(&self.prefix, &key) {
+                        let id = HostId {
+                            dc: dir.dc,
+                            role: dir.role,
+                            host: dir.host,
+                        };
+                        before
+                            .entry(id.clone())
+                            .or_insert_with(|| self.registry.hosts.get(&id).cloned());
+                    }
                     match ev.event_type() {
                         EventType::Put => {
                             if let Err(m) = self.registry.put(
@@ -298,6 +301,7 @@ impl<'a> Follower<'a> {
                             self.registry.delete(&self.prefix, kv.key(), rev);
                         }
                     }
+                    keys.push(key);
                 }
                 self.revision = self.revision.max(rev);
                 let changes = before
@@ -310,6 +314,7 @@ impl<'a> Follower<'a> {
                 self.pending.push_back(Batch {
                     revision: rev,
                     changes,
+                    keys,
                 });
             }
             if resp.events().is_empty()
@@ -324,4 +329,15 @@ impl<'a> Follower<'a> {
             }
         }
     }
+}
+
+/// The keys whose value differs between two raw registries.
+fn changed_keys(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> Vec<String> {
+    let mut keys: Vec<String> = old
+        .iter()
+        .filter(|(k, v)| new.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    keys.extend(new.keys().filter(|k| !old.contains_key(*k)).cloned());
+    keys
 }

@@ -80,6 +80,95 @@ impl HostView {
     }
 }
 
+impl HostView {
+    /// Sets the field of `leaf` from its value, or says why it cannot.
+    fn set(&mut self, leaf: &Leaf, value: &str) -> Result<(), String> {
+        match leaf {
+            Leaf::Ip => {
+                self.ip = Some(
+                    value
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("ip {value:?} is not an address"))?,
+                )
+            }
+            Leaf::Health => {
+                self.health =
+                    Some(Status::parse(value.trim()).ok_or_else(|| {
+                        format!("health {value:?} is not passing|warning|critical")
+                    })?)
+            }
+            Leaf::Owner => self.owner = Some(value.to_string()),
+            Leaf::Maintenance => self.maintenance = Some(value.to_string()),
+            Leaf::Service(name) => {
+                let port = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("port {value:?} is not a number"))?;
+                self.services.insert(name.clone(), port);
+            }
+            Leaf::Meta(name) => {
+                self.meta.insert(name.clone(), value.to_string());
+            }
+            Leaf::Check(name) => {
+                #[derive(serde::Deserialize)]
+                struct Raw {
+                    status: String,
+                    #[serde(default)]
+                    output: String,
+                    #[serde(default)]
+                    since: String,
+                }
+                let raw: Raw = serde_json::from_str(value)
+                    .map_err(|e| format!("check value is not JSON: {e}"))?;
+                let status = Status::parse(&raw.status)
+                    .ok_or_else(|| format!("check status {:?} is unknown", raw.status))?;
+                self.checks.insert(
+                    name.clone(),
+                    CheckView {
+                        status,
+                        output: raw.output,
+                        since: raw.since,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears the field of `leaf`.
+    fn clear(&mut self, leaf: &Leaf) {
+        match leaf {
+            Leaf::Ip => self.ip = None,
+            Leaf::Health => self.health = None,
+            Leaf::Owner => self.owner = None,
+            Leaf::Maintenance => self.maintenance = None,
+            Leaf::Service(n) => {
+                self.services.remove(n);
+            }
+            Leaf::Meta(n) => {
+                self.meta.remove(n);
+            }
+            Leaf::Check(n) => {
+                self.checks.remove(n);
+            }
+        }
+    }
+}
+
+/// Why `key` has a segment below `prefix` that breaks the layout's rules
+/// (contract section 1), if it has one.
+fn bad_segment(prefix: &str, key: &str) -> Option<String> {
+    let Some(rest) = key.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
+        return Some(format!("is not under the prefix {prefix}"));
+    };
+    rest.split('/').find_map(|seg| {
+        crate::layout::validate_segment(seg)
+            .err()
+            .map(|e| format!("segment {seg:?} {e}"))
+    })
+}
+
 /// A key or value that does not follow the layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Malformed {
@@ -91,8 +180,9 @@ pub struct Malformed {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
     pub hosts: BTreeMap<HostId, HostView>,
-    /// Every key under the prefix with its value (lossy UTF-8), malformed
-    /// ones included: what confd-style template functions read.
+    /// Every key under the prefix with its value (lossy UTF-8): what
+    /// confd-style template functions read. Keys outside the layout and
+    /// malformed values are included; keys with a malformed segment are not.
     pub raw: BTreeMap<String, String>,
 }
 
@@ -106,7 +196,13 @@ fn id_of(dir: &HostDir) -> HostId {
 
 impl Registry {
     /// Applies a put of `key` = `value`. Returns the host it touched, or why
-    /// the key was skipped.
+    /// the key or value was skipped.
+    ///
+    /// A key with a segment that breaks the layout's rules (a newline, a
+    /// space, an empty segment) is left out of `raw` too, so it never
+    /// reaches a template. A value that does not parse clears the field it
+    /// would have set: a host whose `ip` was overwritten with garbage is no
+    /// longer present, exactly as a fresh read of the same keys finds it.
     pub fn put(
         &mut self,
         prefix: &str,
@@ -116,71 +212,34 @@ impl Registry {
         revision: i64,
     ) -> Result<HostId, Malformed> {
         let key_text = String::from_utf8_lossy(key).into_owned();
-        self.raw.insert(
-            key_text.clone(),
-            String::from_utf8_lossy(value).into_owned(),
-        );
         let bad = |why: String| Malformed {
             key: key_text.clone(),
             why,
         };
+        if let Some(why) = bad_segment(prefix, &key_text) {
+            return Err(bad(why));
+        }
+        self.raw.insert(
+            key_text.clone(),
+            String::from_utf8_lossy(value).into_owned(),
+        );
         let (dir, leaf) =
             parse_key(prefix, &key_text).ok_or_else(|| bad("not a registry key".into()))?;
-        let value = std::str::from_utf8(value).map_err(|_| bad("value is not UTF-8".into()))?;
         let id = id_of(&dir);
         let host = self.hosts.entry(id.clone()).or_default();
-        match leaf {
-            Leaf::Ip => {
-                host.ip = Some(
-                    value
-                        .trim()
-                        .parse()
-                        .map_err(|_| bad(format!("ip {value:?} is not an address")))?,
-                )
-            }
-            Leaf::Health => {
-                host.health = Some(Status::parse(value.trim()).ok_or_else(|| {
-                    bad(format!("health {value:?} is not passing|warning|critical"))
-                })?)
-            }
-            Leaf::Owner => host.owner = Some(value.to_string()),
-            Leaf::Maintenance => host.maintenance = Some(value.to_string()),
-            Leaf::Service(name) => {
-                let port = value
-                    .trim()
-                    .parse()
-                    .map_err(|_| bad(format!("port {value:?} is not a number")))?;
-                host.services.insert(name, port);
-            }
-            Leaf::Meta(name) => {
-                host.meta.insert(name, value.to_string());
-            }
-            Leaf::Check(name) => {
-                #[derive(serde::Deserialize)]
-                struct Raw {
-                    status: String,
-                    #[serde(default)]
-                    output: String,
-                    #[serde(default)]
-                    since: String,
-                }
-                let raw: Raw = serde_json::from_str(value)
-                    .map_err(|e| bad(format!("check value is not JSON: {e}")))?;
-                let status = Status::parse(&raw.status)
-                    .ok_or_else(|| bad(format!("check status {:?} is unknown", raw.status)))?;
-                host.checks.insert(
-                    name,
-                    CheckView {
-                        status,
-                        output: raw.output,
-                        since: raw.since,
-                    },
-                );
-            }
-        }
         host.lease = lease;
         host.revision = host.revision.max(revision);
-        Ok(id)
+        let applied = match std::str::from_utf8(value) {
+            Ok(value) => host.set(&leaf, value),
+            Err(_) => Err("value is not UTF-8".into()),
+        };
+        match applied {
+            Ok(()) => Ok(id),
+            Err(why) => {
+                host.clear(&leaf);
+                Err(bad(why))
+            }
+        }
     }
 
     /// Applies a delete of `key`. Returns the host it touched, if any.
@@ -190,21 +249,7 @@ impl Registry {
         let (dir, leaf) = parse_key(prefix, &key_text)?;
         let id = id_of(&dir);
         let host = self.hosts.get_mut(&id)?;
-        match leaf {
-            Leaf::Ip => host.ip = None,
-            Leaf::Health => host.health = None,
-            Leaf::Owner => host.owner = None,
-            Leaf::Maintenance => host.maintenance = None,
-            Leaf::Service(n) => {
-                host.services.remove(&n);
-            }
-            Leaf::Meta(n) => {
-                host.meta.remove(&n);
-            }
-            Leaf::Check(n) => {
-                host.checks.remove(&n);
-            }
-        }
+        host.clear(&leaf);
         host.revision = host.revision.max(revision);
         if *host
             == (HostView {

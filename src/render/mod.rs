@@ -22,11 +22,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::reload::{self, Reloads};
+use crate::child::{self, Leftovers};
 use crate::config::{Config, TemplateSpec};
 use crate::etcd::{Etcd, EtcdError};
+use crate::registry::Malformed;
 use crate::registry::follow::Follower;
 use crate::telemetry::RenderMetrics;
-use template::View;
+use template::{Reads, View};
 
 /// How `render` runs.
 #[derive(Debug, Clone, Copy)]
@@ -35,7 +37,7 @@ pub struct Options {
     pub once: bool,
     /// Print the output to stdout; write and run nothing.
     pub dry_run: bool,
-    /// With `once`: how long to try to reach etcd.
+    /// With `once` or `dry_run`: how long to try to reach etcd.
     pub timeout: Duration,
 }
 
@@ -56,52 +58,87 @@ pub enum RenderError {
 /// One template and what was last rendered from it.
 struct Slot {
     spec: TemplateSpec,
-    name: String,
-    source: String,
+    source: template::Source,
     /// The first change not rendered yet, and the last change seen.
     dirty_since: Option<Instant>,
     last_change: Instant,
-    /// The hosts the last written render listed.
+    /// The hosts the render in force listed (`None` until one is).
     listed: Option<BTreeSet<String>>,
+    /// What the last render read: changes elsewhere leave it alone.
+    reads: Reads,
+    /// Its last render was refused by `min_hosts`.
+    held: bool,
 }
 
 impl Slot {
     fn load(spec: &TemplateSpec) -> Result<Slot, RenderError> {
-        let source = std::fs::read_to_string(&spec.source).map_err(|e| {
+        let text = std::fs::read_to_string(&spec.source).map_err(|e| {
             RenderError::Config(format!(
                 "cannot read template {}: {e}",
                 spec.source.display()
             ))
         })?;
+        let name = spec.source.display().to_string();
+        let source = template::Source::parse(&name, text)
+            .map_err(|e| RenderError::Config(format!("template {name} does not parse: {e}")))?;
         Ok(Slot {
-            name: spec.source.display().to_string(),
             spec: spec.clone(),
             source,
             dirty_since: Some(Instant::now()),
             last_change: Instant::now(),
             listed: None,
+            reads: Reads::All,
+            held: false,
         })
     }
 
-    /// When this template is due, if it has unrendered changes.
+    /// When this template is due, if it has unrendered changes: once the
+    /// registry was quiet for `wait_min`, and no later than `wait_max`
+    /// after the first change (validation keeps `wait_max >= wait_min`).
     fn due(&self) -> Option<Instant> {
         let since = self.dirty_since?;
-        let quiet = self.last_change + self.spec.wait_min;
-        Some(if self.spec.wait_max.is_zero() {
-            quiet
-        } else {
-            quiet.min(since + self.spec.wait_max)
-        })
+        Some((self.last_change + self.spec.wait_min).min(since + self.spec.wait_max))
+    }
+
+    /// A change of `keys` at `now`: only one the last render read makes
+    /// this template due, or resets its quiet time.
+    fn changed(&mut self, keys: &[String], now: Instant) {
+        if keys.iter().any(|k| self.reads.covers(k)) {
+            self.dirty_since.get_or_insert(now);
+            self.last_change = now;
+        }
+    }
+
+    /// The last render was written, found unchanged, or held by
+    /// `min_hosts`: a state render can stand by (READY=1 waits for it).
+    fn settled(&self) -> bool {
+        self.listed.is_some() || self.held
     }
 }
 
+const NO_TEMPLATES: &str =
+    "no templates: add a `templates:` list to the config file (see README \"Rendering configs\")";
+
+/// Every template of `config`, loaded and parsed: all of them, or the
+/// first problem.
 fn load_all(config: &Config) -> Result<Vec<Slot>, RenderError> {
     if config.templates.is_empty() {
-        return Err(RenderError::Config(
-            "no templates: add a `templates:` list to the config file (see README \"Rendering configs\")".into(),
-        ));
+        return Err(RenderError::Config(NO_TEMPLATES.into()));
     }
     config.templates.iter().map(Slot::load).collect()
+}
+
+/// Why the templates of `config` would not load, for `check-config`:
+/// none at all, or each one that cannot be read or does not parse.
+pub fn check_templates(config: &Config) -> Vec<String> {
+    if config.templates.is_empty() {
+        return vec![NO_TEMPLATES.into()];
+    }
+    config
+        .templates
+        .iter()
+        .filter_map(|spec| Slot::load(spec).err().map(|e| e.to_string()))
+        .collect()
 }
 
 /// What one cycle did.
@@ -111,6 +148,38 @@ struct Cycle {
     failed: Vec<String>,
     /// Template errors.
     broken: Vec<String>,
+}
+
+/// Malformed keys, each reported once at WARN while render runs.
+#[derive(Default)]
+struct Reported {
+    keys: BTreeSet<String>,
+}
+
+impl Reported {
+    /// Logs `m` unless its key was reported already. Past 1,000 distinct
+    /// keys the rest go to debug, so a registry full of junk cannot flood
+    /// the log.
+    fn report(&mut self, m: Malformed) {
+        if self.keys.contains(&m.key) {
+            return;
+        }
+        if self.keys.len() < 1000 {
+            tracing::warn!(key = %m.key.escape_debug(), why = m.why, "malformed key: left out of every template");
+            self.keys.insert(m.key);
+        } else {
+            tracing::debug!(key = %m.key.escape_debug(), why = m.why, "malformed key: left out of every template");
+        }
+    }
+}
+
+/// How one run of the loop ended.
+enum Exit {
+    /// Cancelled, or `--once`/`--dry-run` done.
+    Done,
+    /// SIGHUP brought a new etcd connection or prefix, already proved to
+    /// work: follow the registry through it from now on.
+    Switch(Box<(Config, Etcd, Vec<Slot>)>),
 }
 
 /// Runs `render` until `cancel` (or once).
@@ -123,8 +192,57 @@ pub async fn run(
     metrics: &RenderMetrics,
 ) -> Result<(), RenderError> {
     let mut slots = load_all(&config)?;
+    for slot in &slots {
+        let n = write::sweep(&slot.spec.destination);
+        if n > 0 {
+            tracing::warn!(
+                "removed {n} staged file(s) of {} left by an earlier render that did not finish",
+                slot.spec.destination.display()
+            );
+        }
+    }
+    let mut config = config;
+    let mut switched: Option<Etcd> = None;
+    let mut ready = false;
+    loop {
+        let current = switched.as_ref().unwrap_or(etcd);
+        let exit = follow(
+            &config,
+            current,
+            &mut slots,
+            &mut ready,
+            options,
+            cancel,
+            reloads.as_ref(),
+            metrics,
+        )
+        .await?;
+        match exit {
+            Exit::Done => return Ok(()),
+            Exit::Switch(new) => {
+                let (new_config, new_etcd, new_slots) = *new;
+                config = new_config;
+                slots = new_slots;
+                switched = Some(new_etcd);
+            }
+        }
+    }
+}
+
+/// Follows the registry through one connection, rendering what is due.
+#[allow(clippy::too_many_arguments)]
+async fn follow(
+    config: &Config,
+    etcd: &Etcd,
+    slots: &mut Vec<Slot>,
+    ready: &mut bool,
+    options: Options,
+    cancel: &CancellationToken,
+    reloads: Option<&Reloads>,
+    metrics: &RenderMetrics,
+) -> Result<Exit, RenderError> {
     // The first complete read: nothing is rendered before it.
-    let deadline = if options.once {
+    let deadline = if options.once || options.dry_run {
         Instant::now() + options.timeout
     } else {
         Instant::now() + Duration::from_secs(3600 * 24 * 365 * 100)
@@ -132,22 +250,23 @@ pub async fn run(
     let prefix = config.prefix.clone();
     let scope = format!("{prefix}/");
     let start = tokio::select! {
-        _ = cancel.cancelled() => return Ok(()),
+        _ = cancel.cancelled() => return Ok(Exit::Done),
+        _ = tokio::time::sleep_until(deadline) => {
+            return Err(RenderError::Etcd(EtcdError::Timeout {
+                endpoint: etcd.endpoints().join(","),
+                what: "read the registry",
+                after: options.timeout,
+            }));
+        }
         r = crate::etcd::retry_until(deadline, || Follower::start(etcd, &prefix, &scope)) => r,
     };
     let (mut follower, bad) = start?;
-    for m in bad {
-        tracing::debug!(key = m.key, why = m.why, "skipping a malformed key");
-    }
-    let mut ready_sent = false;
+    let mut reported = Reported::default();
+    bad.into_iter().for_each(|m| reported.report(m));
     // WATCHDOG=1 from the render loop itself: a loop stuck in a render or
     // a command past the unit's WatchdogSec is restarted.
     let mut watchdog = tokio::time::interval(Duration::from_secs(10));
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (notify, load) = match reloads {
-        Some(r) => (Some(r.notify), Some(r.load)),
-        None => (None, None),
-    };
     loop {
         // Render what is due.
         let now = Instant::now();
@@ -160,8 +279,14 @@ pub async fn run(
                 revision: follower.revision,
                 registry: Arc::new(follower.registry.clone()),
             };
-            let cycle = render_cycle(&mut slots, &due, &view, options, metrics).await;
+            let cycle = render_cycle(slots, &due, &view, options, metrics).await;
             metrics.rendered_revision.set(follower.revision);
+            let held: Vec<String> = slots
+                .iter()
+                .filter(|s| s.held)
+                .map(|s| s.spec.destination.display().to_string())
+                .collect();
+            metrics.held.set(held.len() as i64);
             if options.once || options.dry_run {
                 if let Some(e) = cycle.broken.first() {
                     return Err(RenderError::Config(e.clone()));
@@ -169,16 +294,28 @@ pub async fn run(
                 if !cycle.failed.is_empty() {
                     return Err(RenderError::Failed(cycle.failed.join("; ")));
                 }
-                return Ok(());
+                return Ok(Exit::Done);
             }
-            if !ready_sent && slots.iter().all(|s| s.listed.is_some()) {
-                ready_sent = true;
-                metrics.set_ready();
-                crate::telemetry::notify_ready(&format!(
+            let status = if held.is_empty() {
+                format!(
                     "rendered {} templates at revision {}",
                     slots.len(),
                     follower.revision
-                ));
+                )
+            } else {
+                format!(
+                    "rendered {} templates at revision {}; held by min_hosts (previous file kept): {}",
+                    slots.len(),
+                    follower.revision,
+                    held.join(", ")
+                )
+            };
+            if !*ready && slots.iter().all(Slot::settled) {
+                *ready = true;
+                metrics.set_ready();
+                crate::telemetry::notify_ready(&status);
+            } else if *ready {
+                crate::telemetry::notify_status(&status);
             }
         }
         let next_due = slots.iter().filter_map(Slot::due).min();
@@ -188,43 +325,109 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
-        let reloaded = reload::sighup(notify.as_deref());
-        let mut report = |m: crate::registry::Malformed| {
-            tracing::debug!(key = m.key, why = m.why, "skipping a malformed key");
-        };
+        let reloaded = reload::sighup(reloads.map(|r| r.notify.as_ref()));
+        let mut report = |m: Malformed| reported.report(m);
         tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
+            _ = cancel.cancelled() => return Ok(Exit::Done),
             _ = watchdog.tick() => {
-                if ready_sent {
+                if *ready {
                     crate::telemetry::notify_watchdog();
                 }
             }
             _ = timer => {}
             _ = reloaded => {
-                let Some(load) = &load else { continue };
-                // load_all refuses an empty template list, as at start.
-                match load() {
-                    Err(e) => tracing::error!("reload refused, the old configuration stays in force: {e}"),
-                    Ok(new) => match load_all(&new) {
-                        Err(e) => tracing::error!("reload refused, the old templates stay in force: {e}"),
-                        Ok(new_slots) => {
-                            tracing::info!(templates = new_slots.len(), "configuration and templates reloaded");
-                            slots = new_slots;
-                        }
-                    },
+                let Some(reloads) = reloads else { continue };
+                if let Some(switch) = reload_config(config, etcd, slots, &reloads.load).await {
+                    return Ok(switch);
                 }
             }
             batch = follower.next(&mut report) => {
-                batch?;
+                let batch = batch?;
                 metrics.registry_revision.set(follower.revision);
                 let now = Instant::now();
-                for slot in &mut slots {
-                    slot.dirty_since.get_or_insert(now);
-                    slot.last_change = now;
+                for slot in slots.iter_mut() {
+                    slot.changed(&batch.keys, now);
                 }
             }
         }
     }
+}
+
+/// SIGHUP: the config and every template loaded again. Anything that does
+/// not load, validate or parse is refused, and the old configuration and
+/// templates stay in force. A new etcd connection or prefix is applied
+/// only once a read through it succeeded; then the loop is restarted on
+/// it ([`Exit::Switch`]). Otherwise the new templates replace the old ones
+/// in place and all render again.
+async fn reload_config(
+    old: &Config,
+    etcd: &Etcd,
+    slots: &mut Vec<Slot>,
+    load: &reload::Reload,
+) -> Option<Exit> {
+    let new = match load() {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!("reload refused, the old configuration stays in force: {e}");
+            return None;
+        }
+    };
+    let new_slots = match load_all(&new) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(
+                "reload refused, the old configuration and templates stay in force: {e}"
+            );
+            return None;
+        }
+    };
+    if new.etcd == old.etcd && new.prefix == old.prefix {
+        tracing::info!(
+            templates = new_slots.len(),
+            "configuration and templates reloaded"
+        );
+        *slots = new_slots;
+        return None;
+    }
+    let new_etcd = match Etcd::new(&new.etcd) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(
+                "reload refused, the old configuration stays in force: the new etcd connection cannot be set up: {e}"
+            );
+            return None;
+        }
+    };
+    // Prove the new connection with one read before leaving the old one.
+    let scope = format!("{}/", new.prefix);
+    let within = new.etcd.request_timeout.max(Duration::from_secs(1)) * 2;
+    match tokio::time::timeout(within, Follower::start(&new_etcd, &new.prefix, &scope)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::error!(
+                "reload refused, the old configuration stays in force: cannot read the registry at {} under {}: {e}",
+                new_etcd.endpoints().join(","),
+                new.prefix
+            );
+            return None;
+        }
+        Err(_) => {
+            tracing::error!(
+                "reload refused, the old configuration stays in force: no answer from {} within {}",
+                new_etcd.endpoints().join(","),
+                humantime::format_duration(within)
+            );
+            return None;
+        }
+    }
+    tracing::info!(
+        endpoints = new_etcd.endpoints().join(","),
+        prefix = new.prefix,
+        was = etcd.endpoints().join(","),
+        templates = new_slots.len(),
+        "configuration reloaded: following the registry through the new connection"
+    );
+    Some(Exit::Switch(Box::new((new, new_etcd, new_slots))))
 }
 
 /// Renders the due templates at one view, writes what changed, and runs
@@ -243,21 +446,24 @@ async fn render_cycle(
         let slot = &mut slots[i];
         slot.dirty_since = None;
         metrics.renders.inc();
-        let (text, listed) = match template::render(&slot.name, &slot.source, view) {
+        let rendered = match template::render(&slot.source, view, slot.spec.max_output) {
             Ok(r) => r,
             Err(e) => {
                 metrics.template_errors.inc();
+                // Any change may mend it: render it again on the next one.
+                slot.reads = Reads::All;
                 let why = format!(
-                    "template {} does not render; the previous {} stays: {}",
-                    slot.name,
+                    "template {} does not render; the previous {} stays: {e}",
+                    slot.source.name,
                     slot.spec.destination.display(),
-                    template::describe(&e)
                 );
                 tracing::error!("{why}");
                 cycle.broken.push(why);
                 continue;
             }
         };
+        slot.reads = rendered.reads;
+        let listed = rendered.listed;
         if let Some(min) = slot.spec.min_hosts
             && listed.len() < min
         {
@@ -266,22 +472,34 @@ async fn render_cycle(
                 slot.spec.destination.display(),
                 listed.len()
             );
-            tracing::warn!(revision = view.revision, "{why}");
+            if !slot.held {
+                tracing::warn!(revision = view.revision, "{why}");
+            }
+            slot.held = true;
             metrics.min_hosts_refusals.inc();
             cycle.failed.push(why);
             continue;
         }
+        if slot.held {
+            tracing::info!(
+                revision = view.revision,
+                "{} lists {} hosts again, no fewer than min_hosts; rendering it",
+                slot.spec.destination.display(),
+                listed.len()
+            );
+            slot.held = false;
+        }
         if options.dry_run {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
-            let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+            let _ = out.write_all(&rendered.text).and_then(|_| out.flush());
             continue;
         }
-        if !write::differs(&slot.spec, text.as_bytes()) {
+        if !write::differs(&slot.spec, &rendered.text) {
             slot.listed = Some(listed);
             continue;
         }
-        match write::commit(&slot.spec, text.as_bytes()).await {
+        match write::commit(&slot.spec, &rendered.text).await {
             Ok(previous) => {
                 metrics.writes.inc();
                 tracing::info!(
@@ -302,6 +520,7 @@ async fn render_cycle(
                 if matches!(e, write::WriteError::CheckFailed { .. }) {
                     metrics.check_failures.inc();
                 }
+                // Rendered again on the next change it read.
                 tracing::error!("{e}; the previous file stays");
                 cycle.failed.push(e.to_string());
             }
@@ -314,28 +533,36 @@ async fn render_cycle(
             .map(|(i, _)| slots[*i].spec.command_timeout)
             .max()
             .unwrap_or(Duration::from_secs(30));
-        let outcome = write::run_command(&argv, None, timeout).await;
-        if outcome.ok {
+        let run = child::run(&argv, timeout, Leftovers::Leave).await;
+        if run.success() {
             continue;
         }
         metrics.reload_failures.inc();
-        let why = format!("reload {argv:?} failed: {}", outcome.text.trim());
+        let why = format!("reload {argv:?} failed: {}", run.describe());
         tracing::error!("{why}; restoring the previous files and reloading again");
+        let mut restored = 0;
         for (i, previous) in &written {
-            if let Err(e) = write::restore(previous) {
-                tracing::error!("{e}");
+            match write::restore(previous) {
+                Ok(true) => restored += 1,
+                Ok(false) => tracing::error!(
+                    "there was no {} before this render, so there is nothing to restore; the new file stays",
+                    previous.path.display()
+                ),
+                Err(e) => tracing::error!("{e}"),
             }
-            slots[*i].listed = None;
             // Try again at the next change.
+            slots[*i].listed = None;
         }
-        let again = write::run_command(&argv, None, timeout).await;
-        if again.ok {
-            tracing::warn!("restored the previous files; reload {argv:?} succeeded with them");
-        } else {
-            tracing::error!(
-                "reload {argv:?} failed with the previous files too: {}",
-                again.text.trim()
-            );
+        if restored > 0 {
+            let again = child::run(&argv, timeout, Leftovers::Leave).await;
+            if again.success() {
+                tracing::warn!("restored the previous files; reload {argv:?} succeeded with them");
+            } else {
+                tracing::error!(
+                    "reload {argv:?} failed with the previous files too: {}",
+                    again.describe()
+                );
+            }
         }
         cycle.failed.push(why);
     }
