@@ -1,7 +1,11 @@
-//! What the agent tells the outside world: systemd notifications and
-//! Prometheus metrics, both fed from one [`Telemetry`] observer.
+//! What registrar tells the outside world: systemd notifications and
+//! Prometheus metrics. The agent's are fed from one [`Telemetry`]
+//! observer; `render` and `dns` have their own metrics sets
+//! ([`RenderMetrics`], [`DnsMetrics`]) and notify through
+//! [`notify_ready`], [`notify_status`] and [`notify_watchdog`]. One HTTP
+//! server ([`serve`]) serves any of them.
 //!
-//! systemd: READY=1 only after the first registration (which happens after
+//! The agent's systemd notifications: READY=1 only after the first registration (which happens after
 //! the first check results), STATUS= kept current, WATCHDOG=1 only from the
 //! keep-alive path while keep-alives succeed (so an agent that cannot keep
 //! its lease is eventually restarted), STOPPING=1 on shutdown. Without
@@ -288,21 +292,21 @@ fn send(states: &[NotifyState<'_>]) -> std::io::Result<()> {
 }
 
 /// READY=1 with a STATUS= line, for a service other than the agent
-/// (`registrar render`). A no-op without `NOTIFY_SOCKET`.
+/// (`render`, `dns`). A no-op without `NOTIFY_SOCKET`.
 pub fn notify_ready(status: &str) {
     if let Err(e) = send(&[NotifyState::Ready, NotifyState::Status(status)]) {
         tracing::debug!(error = %e, "sd_notify failed");
     }
 }
 
-/// STATUS= alone, for a service other than the agent (`registrar render`).
+/// STATUS= alone, for a service other than the agent (`render`).
 pub fn notify_status(status: &str) {
     if let Err(e) = send(&[NotifyState::Status(status)]) {
         tracing::debug!(error = %e, "sd_notify failed");
     }
 }
 
-/// WATCHDOG=1, for a service other than the agent (`registrar render`).
+/// WATCHDOG=1, for a service other than the agent (`render`, `dns`).
 pub fn notify_watchdog() {
     if let Err(e) = send(&[NotifyState::Watchdog]) {
         tracing::debug!(error = %e, "sd_notify failed");

@@ -1,6 +1,9 @@
-//! SIGHUP: loading the configuration again while the agent runs.
+//! SIGHUP: loading the configuration again while a command runs. The
+//! agent, `render` and `dns` all wait for it with [`sighup`] and load with
+//! [`Reloads::load`]; what each applies is its own (render: see
+//! [`crate::render`]). The rest of this module is the agent's.
 //!
-//! A reload may change what the host reports (roles, services, meta,
+//! For the agent, a reload may change what the host reports (roles, services, meta,
 //! checks, `output_refresh`); the composer applies those on the same lease.
 //! Everything else (the etcd connection, identity, TTL) takes a restart: a
 //! reload that changes it says so and keeps the old value. A reload that

@@ -6,14 +6,19 @@
 //! any side effect and reports every problem at once, each naming the field,
 //! the bad value and where it came from (file:line:col for the file).
 //!
-//! The pipeline, one module a step:
+//! The modules:
 //! - [`raw`]: the YAML file into serde structs, and positions (file:line:col)
 //!   of its fields for error messages;
-//! - `sources`: precedence, picking each setting from its flag, environment
-//!   variable, file field or default, with where it came from;
-//! - `validate`: named checks, each reporting every problem it finds;
+//! - `sources`: the merge. For each setting it picks the flag, environment
+//!   variable, file field or default (with where it came from) and runs
+//!   that setting's check from `validate` on it;
+//! - `validate`: named checks, each reporting every problem it finds; the
+//!   list-valued fields (checks, templates) are picked and checked there;
 //! - `limits`: the etcd transaction size rules (contract rule 7);
 //! - `display`: what `check-config` prints.
+//!
+//! So picking and checking are not two passes: `sources` and `validate`
+//! call each other, and every problem still lands in one list.
 
 mod display;
 mod limits;
@@ -24,7 +29,7 @@ mod validate;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -195,12 +200,6 @@ impl Config {
             None => (RawConfig::default(), None),
         };
         sources::merge(flags, env, raw, file.as_ref())
-    }
-
-    /// Parses a config file on its own (used by reload and tests).
-    pub fn parse_file(path: &Path) -> Result<RawConfig, ConfigError> {
-        let text = raw::read_config_file(path)?;
-        raw::parse_yaml(path, &text)
     }
 
     /// The fields a registering command cannot do without.

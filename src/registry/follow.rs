@@ -1,10 +1,17 @@
-//! Following the registry for `watch` and `wait`: a snapshot at one
-//! revision, then batches of host changes, one batch per etcd revision.
+//! Following the registry for every consumer (`watch`, `wait`, `render`,
+//! `dns`): a snapshot at one revision, then batches of host changes, one
+//! batch per etcd revision, each naming the keys it touched.
 //!
 //! After a broken stream it resumes from the last revision it applied + 1,
-//! through whichever endpoint answers. When that history was compacted it
-//! re-reads a snapshot and reports only the difference, so a consumer never
-//! misses or repeats an event.
+//! through whichever endpoint answers, so no revision is missed or
+//! repeated. When that history is gone (compacted, restored, a replaced
+//! cluster) it re-reads a snapshot and reports one batch: the difference
+//! between the old registry and the new. The states in between are lost,
+//! but the registry a consumer holds is again exactly etcd's.
+//!
+//! Every key, in the snapshot and in the stream, goes through
+//! [`Registry::put`]/[`Registry::delete`], so a long-running consumer holds
+//! exactly what a fresh read of the same revision would build.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;

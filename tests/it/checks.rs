@@ -305,8 +305,9 @@ async fn hung_check_and_its_child_are_killed_at_the_timeout() {
 async fn flooding_check_output_is_capped_at_4_kib_and_notify_socket_is_hidden() {
     let cluster = Cluster::start(1).await;
     let host = Host::new(&cluster);
+    // `mb` prints 'x' then 3000 'é': byte 4096 falls inside a character.
     host.write_config(
-        "dc: dc1\nroles: [web]\nchecks:\n  - name: flood\n    exec: [sh, -c, 'head -c 1000000 /dev/zero | tr \"\\0\" x']\n  - name: nosocket\n    exec: [sh, -c, 'test -z \"$NOTIFY_SOCKET\"']\n",
+        "dc: dc1\nroles: [web]\nchecks:\n  - name: flood\n    exec: [sh, -c, 'head -c 1000000 /dev/zero | tr \"\\0\" x']\n  - name: nosocket\n    exec: [sh, -c, 'test -z \"$NOTIFY_SOCKET\"']\n  - name: mb\n    exec: [sh, -c, 'printf x; i=0; while [ $i -lt 3000 ]; do printf \"\\303\\251\"; i=$((i+1)); done; exit 1']\n",
     );
     let mut a = crate::support::proc::registrar();
     a.args(host.args("agent"))
@@ -318,6 +319,14 @@ async fn flooding_check_output_is_capped_at_4_kib_and_notify_socket_is_hidden() 
     assert_eq!(out.len(), 4096, "output not capped at 4 KiB");
     assert!(out.chars().all(|ch| ch == 'x'));
     wait_check_status(&c, "nosocket", "passing").await;
+    // Multi-byte output is cut on a character boundary, not mangled.
+    let v = wait_check_status(&c, "mb", "warning").await;
+    let out = v["output"].as_str().unwrap();
+    assert!(out.len() <= 4096 && out.len() > 4090, "{} bytes", out.len());
+    assert!(
+        out.starts_with("xé") && out[1..].chars().all(|ch| ch == 'é'),
+        "{out}"
+    );
 }
 
 /// A local HTTP server answering every request with `status`.

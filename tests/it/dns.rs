@@ -55,7 +55,7 @@ async fn registry(members: usize, hosts: &[Host<'_>]) -> (Cluster, Client, i64) 
 }
 
 /// `registrar dns` on 127.0.0.1:`port`, answering once it has read the registry.
-async fn dns(eps: &str, port: u16, extra: &[&str]) -> Agent {
+pub(crate) async fn dns(eps: &str, port: u16, extra: &[&str]) -> Agent {
     let mut command = registrar();
     command
         .args(["dns", "--endpoints", eps, "--listen"])
@@ -76,10 +76,10 @@ async fn dns(eps: &str, port: u16, extra: &[&str]) -> Agent {
 
 /// What dig printed, by section.
 #[derive(Debug)]
-struct Dug {
-    status: String,
+pub(crate) struct Dug {
+    pub(crate) status: String,
     flags: String,
-    answer: Vec<String>,
+    pub(crate) answer: Vec<String>,
     authority: Vec<String>,
     additional: Vec<String>,
     raw: String,
@@ -87,7 +87,7 @@ struct Dug {
 
 impl Dug {
     /// The last field of each answer line (the address, the SRV target...).
-    fn data(&self) -> BTreeSet<String> {
+    pub(crate) fn data(&self) -> BTreeSet<String> {
         self.answer
             .iter()
             .filter_map(|l| l.split_whitespace().last().map(str::to_string))
@@ -96,7 +96,7 @@ impl Dug {
 }
 
 /// Runs dig against the server with `args` (name, type, +options).
-async fn dig(port: u16, args: &[&str]) -> Dug {
+pub(crate) async fn dig(port: u16, args: &[&str]) -> Dug {
     let out = tokio::process::Command::new("dig")
         .args(["@127.0.0.1", "-p", &port.to_string(), "+time=2", "+tries=1"])
         .args(args)

@@ -14,6 +14,7 @@ mod lease_session;
 mod one_shot;
 mod prometheus;
 mod render;
+mod render_safety;
 mod security;
 mod soak;
 

@@ -8,7 +8,7 @@ use crate::support::proc::{cmd, host_args, registrar, run};
 use crate::support::{Agent, Cluster, eventually};
 
 /// Registers one host one-shot with an http service.
-async fn register(eps: &str, role: &str, host: &str, ip: &str, port: u16) {
+pub(crate) async fn register(eps: &str, role: &str, host: &str, ip: &str, port: u16) {
     let mut a = cmd(
         "register",
         host_args(eps, "dc1", role, host, &format!("id-{host}"), "60s"),
@@ -21,31 +21,31 @@ async fn register(eps: &str, role: &str, host: &str, ip: &str, port: u16) {
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
-struct Dir {
-    dir: tempfile::TempDir,
+pub(crate) struct Dir {
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Dir {
-    fn new() -> Dir {
+    pub(crate) fn new() -> Dir {
         Dir {
             dir: tempfile::tempdir().unwrap(),
         }
     }
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
-    fn write(&self, name: &str, text: &str) -> PathBuf {
+    pub(crate) fn write(&self, name: &str, text: &str) -> PathBuf {
         let p = self.path(name);
         std::fs::write(&p, text).unwrap();
         p
     }
-    fn read(&self, name: &str) -> Option<String> {
+    pub(crate) fn read(&self, name: &str) -> Option<String> {
         std::fs::read_to_string(self.path(name)).ok()
     }
 }
 
 /// A render config with one template.
-fn config(d: &Dir, eps: &str, template: &Path, extra: &str) -> PathBuf {
+pub(crate) fn config(d: &Dir, eps: &str, template: &Path, extra: &str) -> PathBuf {
     d.write(
         "render.yaml",
         &format!(
@@ -56,7 +56,7 @@ fn config(d: &Dir, eps: &str, template: &Path, extra: &str) -> PathBuf {
     )
 }
 
-async fn render_once(cfg: &Path, extra: &[&str]) -> crate::support::proc::Run {
+pub(crate) async fn render_once(cfg: &Path, extra: &[&str]) -> crate::support::proc::Run {
     let mut a = vec![
         "render".to_string(),
         "--config".into(),

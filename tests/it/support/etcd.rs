@@ -489,16 +489,23 @@ impl Drop for Cluster {
     }
 }
 
-/// A plain HTTP/1.0 GET on loopback.
+/// A plain HTTP/1.0 GET on loopback; panics when nothing answers.
 pub async fn http_get(url: &str) -> String {
+    try_http_get(url).await.unwrap()
+}
+
+/// A plain HTTP/1.0 GET on loopback, or why it failed (for polling a
+/// server that may not listen yet).
+pub async fn try_http_get(url: &str) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.trim_start_matches("http://");
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    let err = |e: std::io::Error| format!("{url}: {e}");
+    let mut s = tokio::net::TcpStream::connect(host).await.map_err(err)?;
     s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
         .await
-        .unwrap();
+        .map_err(err)?;
     let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+    s.read_to_string(&mut out).await.map_err(err)?;
+    Ok(out)
 }
