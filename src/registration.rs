@@ -407,6 +407,51 @@ pub async fn update(
     }
 }
 
+/// The value of `health` in a graceful stop (contract rule 4).
+pub const LEAVING: &str = "leaving";
+
+/// Announces a graceful stop: `health` becomes `leaving` on every role of
+/// `desired` that has a `health` key, in one transaction that holds only
+/// while each of those directories' `owner` is still on `lease`. Consumers
+/// then know that the revoke which follows is planned, and apply it at
+/// once instead of holding the host (contract section 8). Returns whether
+/// it was written.
+pub async fn announce_leaving(
+    etcd: &Etcd,
+    desired: &Desired,
+    lease: LeaseId,
+) -> Result<bool, RegisterError> {
+    let dirs: Vec<&HostDir> = desired
+        .dirs
+        .iter()
+        .filter(|d| desired.kvs.contains_key(&d.key(&Leaf::Health)))
+        .collect();
+    if dirs.is_empty() {
+        return Ok(false);
+    }
+    let compares: Vec<Compare> = dirs
+        .iter()
+        .map(|d| Compare::lease(d.key(&Leaf::Owner), CompareOp::Equal, lease.get()))
+        .collect();
+    let ops: Vec<TxnOp> = dirs
+        .iter()
+        .map(|d| {
+            TxnOp::put(
+                d.key(&Leaf::Health),
+                LEAVING,
+                Some(PutOptions::new().with_lease(lease.get())),
+            )
+        })
+        .collect();
+    let resp = run_txn(
+        etcd,
+        "announce leaving",
+        Txn::new().when(compares).and_then(ops),
+    )
+    .await?;
+    Ok(resp.succeeded())
+}
+
 /// Outcome of a deregistration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deregistered {
@@ -443,6 +488,34 @@ pub async fn deregister(etcd: &Etcd, desired: &Desired) -> Result<Deregistered, 
         }
     }
     for lease in leases.iter().flatten() {
+        // Say it is planned: each `health` key on this lease, unchanged
+        // since the read, becomes `leaving` (rule 4); then the revoke.
+        let healths: Vec<&Seen> = seen
+            .values()
+            .filter(|s| s.lease == Some(*lease) && s.key.ends_with("/health"))
+            .collect();
+        if !healths.is_empty() {
+            let compares: Vec<Compare> = healths
+                .iter()
+                .map(|s| Compare::mod_revision(s.key.as_str(), CompareOp::Equal, s.mod_revision))
+                .collect();
+            let ops: Vec<TxnOp> = healths
+                .iter()
+                .map(|s| {
+                    TxnOp::put(
+                        s.key.as_str(),
+                        LEAVING,
+                        Some(PutOptions::new().with_lease(lease.get())),
+                    )
+                })
+                .collect();
+            run_txn(
+                etcd,
+                "announce leaving",
+                Txn::new().when(compares).and_then(ops),
+            )
+            .await?;
+        }
         revoke(etcd, *lease).await?;
     }
     let loose: Vec<&Seen> = seen.values().filter(|s| s.lease.is_none()).collect();

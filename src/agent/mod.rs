@@ -179,6 +179,7 @@ pub async fn keep_registered(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let mut session = Session::start(etcd.clone(), ttl, observer.clone());
+    let (leaving_etcd, last_desired) = (etcd.clone(), desired.clone());
     let writing = shutdown.child_token();
     let lost = session.reporter();
     let mut writer = tokio::spawn(
@@ -206,7 +207,44 @@ pub async fn keep_registered(
     if !writer_done {
         result = result.and(writer_result((&mut writer).await));
     }
+    if shutdown.is_cancelled() {
+        announce_leaving(&leaving_etcd, &session, &last_desired).await;
+    }
     result.and(session.close().await.map_err(AgentError::from))
+}
+
+/// How long a graceful stop waits to announce `leaving` before it revokes
+/// anyway: shutdown stays bounded with every endpoint dead.
+const LEAVING_WITHIN: Duration = Duration::from_secs(2);
+
+/// Sets `health: leaving` on every role of the host before the revoke
+/// (contract rule 4), bounded by [`LEAVING_WITHIN`]. A failure is logged:
+/// the revoke still removes the host, only consumers may hold it a while
+/// (contract section 8).
+async fn announce_leaving(
+    etcd: &Etcd,
+    session: &Session,
+    desired: &tokio::sync::watch::Receiver<Option<crate::registration::Desired>>,
+) {
+    let Some(lease) = session.lease() else { return };
+    let Some(desired) = desired.borrow().clone() else {
+        return;
+    };
+    let within = etcd.request_timeout().min(LEAVING_WITHIN);
+    match tokio::time::timeout(
+        within,
+        crate::registration::announce_leaving(etcd, &desired, lease.id),
+    )
+    .await
+    {
+        Ok(Ok(true)) => tracing::info!("announced leaving (health: leaving) on every role"),
+        Ok(Ok(false)) => tracing::debug!("nothing to announce leaving on"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not announce leaving; revoking anyway"),
+        Err(_) => tracing::warn!(
+            "could not announce leaving within {}; revoking anyway",
+            humantime::format_duration(within)
+        ),
+    }
 }
 
 fn writer_result(

@@ -28,7 +28,7 @@ use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder};
 use rand::seq::SliceRandom;
 
-use crate::check::Status;
+use crate::registry::Health;
 use crate::registry::{HostId, HostView, Registry};
 
 /// What shapes the answers, apart from the registry.
@@ -293,7 +293,7 @@ impl Zone {
         h.healthy()
             || (self.settings.allow_warning
                 && h.present()
-                && h.health == Some(Status::Warning)
+                && h.health == Some(Health::Warning)
                 && h.maintenance.is_none())
     }
 

@@ -31,6 +31,52 @@ impl std::fmt::Display for HostId {
     }
 }
 
+/// A host's `health` as read back: a check status, or `leaving`, which a
+/// host announces in a graceful stop just before its lease is revoked
+/// (contract rule 4), so that consumers apply its removal at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Passing,
+    Warning,
+    Critical,
+    Leaving,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Passing => "passing",
+            Health::Warning => "warning",
+            Health::Critical => "critical",
+            Health::Leaving => "leaving",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Health> {
+        match s {
+            "leaving" => Some(Health::Leaving),
+            _ => Status::parse(s).map(Health::from),
+        }
+    }
+}
+
+impl From<Status> for Health {
+    fn from(s: Status) -> Health {
+        match s {
+            Status::Passing => Health::Passing,
+            Status::Warning => Health::Warning,
+            Status::Critical => Health::Critical,
+        }
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One check's reported result, as read back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CheckView {
@@ -43,7 +89,7 @@ pub struct CheckView {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct HostView {
     pub ip: Option<IpAddr>,
-    pub health: Option<Status>,
+    pub health: Option<Health>,
     pub checks: BTreeMap<String, CheckView>,
     pub services: BTreeMap<String, u16>,
     pub meta: BTreeMap<String, String>,
@@ -61,9 +107,14 @@ impl HostView {
         self.ip.is_some() && self.health.is_some()
     }
 
-    /// Passing and not in maintenance.
+    /// Passing and not in maintenance (so never `leaving`).
     pub fn healthy(&self) -> bool {
-        self.present() && self.health == Some(Status::Passing) && self.maintenance.is_none()
+        self.present() && self.health == Some(Health::Passing) && self.maintenance.is_none()
+    }
+
+    /// It announced a graceful stop: its removal is planned.
+    pub fn leaving(&self) -> bool {
+        self.health == Some(Health::Leaving)
     }
 
     /// "2/3 passing" style summary of the checks.
@@ -93,10 +144,9 @@ impl HostView {
                 )
             }
             Leaf::Health => {
-                self.health =
-                    Some(Status::parse(value.trim()).ok_or_else(|| {
-                        format!("health {value:?} is not passing|warning|critical")
-                    })?)
+                self.health = Some(Health::parse(value.trim()).ok_or_else(|| {
+                    format!("health {value:?} is not passing|warning|critical|leaving")
+                })?)
             }
             Leaf::Owner => self.owner = Some(value.to_string()),
             Leaf::Maintenance => self.maintenance = Some(value.to_string()),
@@ -287,7 +337,7 @@ impl Registry {
 pub enum Change {
     Up,
     Down,
-    Health { from: Status, to: Status },
+    Health { from: Health, to: Health },
     MaintenanceOn(String),
     MaintenanceOff,
     Changed,
@@ -404,18 +454,18 @@ mod tests {
     fn diff_names_host_events() {
         let mut a = HostView {
             ip: Some("10.0.0.5".parse().unwrap()),
-            health: Some(Status::Passing),
+            health: Some(Health::Passing),
             ..HostView::default()
         };
         assert_eq!(diff(None, Some(&a)), vec![Change::Up]);
         assert_eq!(diff(Some(&a), None), vec![Change::Down]);
         let mut b = a.clone();
-        b.health = Some(Status::Critical);
+        b.health = Some(Health::Critical);
         assert_eq!(
             diff(Some(&a), Some(&b)),
             vec![Change::Health {
-                from: Status::Passing,
-                to: Status::Critical
+                from: Health::Passing,
+                to: Health::Critical
             }]
         );
         b = a.clone();

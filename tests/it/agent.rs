@@ -464,3 +464,81 @@ async fn deregister_and_maintenance_say_what_the_running_agent_will_do() {
         r.stdout
     );
 }
+
+/// What the watcher saw of a graceful stop: `health: leaving` put on every
+/// one of `roles` keys at one revision, and then (later) the deletes.
+fn announced_then_revoked(
+    events: &[crate::support::watcher::Seen],
+    roles: usize,
+) -> Result<(), String> {
+    let leaving: Vec<_> = events
+        .iter()
+        .filter(|e| e.put && e.key.ends_with("/health") && e.value == "leaving")
+        .collect();
+    let keys: std::collections::BTreeSet<&str> = leaving.iter().map(|e| e.key.as_str()).collect();
+    let revisions: std::collections::BTreeSet<i64> = leaving.iter().map(|e| e.revision).collect();
+    let first_delete = events.iter().find(|e| !e.put);
+    match (keys.len(), revisions.len(), first_delete) {
+        (n, 1, Some(d)) if n == roles && d.revision > leaving[0].revision => Ok(()),
+        _ => Err(format!(
+            "leaving {leaving:?}, first delete {first_delete:?}"
+        )),
+    }
+}
+
+/// A graceful stop says so before it goes (contract rule 4): `health`
+/// becomes `leaving` on every role in one transaction, then the revoke
+/// removes every key. SIGTERM of the agent and `deregister` alike; and
+/// `watch` shows it.
+#[tokio::test]
+async fn a_graceful_stop_announces_leaving_on_every_role_then_revokes() {
+    let cluster = Cluster::start(1).await;
+    let eps = cluster.endpoint_list();
+    let watcher = crate::support::Watcher::start(cluster.endpoints(), "/infrastructure/").await;
+    let watch = crate::consumers::WatchProc::start_with(&eps, &[]);
+    let mut args = cmd("agent", host_args(&eps, "dc1", "web", "h1", "m1", "30s"));
+    args.extend(["--role".into(), "db".into()]);
+    let mut a = Agent::spawn("agent", &args);
+    let c = cluster.client().await;
+    wait_registered(&c, Duration::from_secs(10)).await;
+    a.signal(Signal::SIGTERM);
+    assert_eq!(a.wait_exit(Duration::from_secs(10)).await, 0);
+    eventually(Duration::from_secs(5), "leaving, then the revoke", || {
+        let r = announced_then_revoked(&watcher.events(), 2);
+        async move { r }
+    })
+    .await;
+    eventually(Duration::from_secs(5), "watch to show it", || {
+        let events = watch.events();
+        async move {
+            let want = [
+                ("health passing→leaving".to_string(), "h1".to_string()),
+                ("down".to_string(), "h1".to_string()),
+            ];
+            if want.iter().all(|w| events.contains(w)) {
+                Ok(())
+            } else {
+                Err(format!("{events:?}"))
+            }
+        }
+    })
+    .await;
+
+    // deregister: the same, for a one-shot registration.
+    let later = crate::support::Watcher::start(cluster.endpoints(), "/infrastructure/").await;
+    let mut one = host_args(&eps, "dc1", "web", "h2", "m2", "60s");
+    one.extend(["--role".into(), "db".into()]);
+    let r = crate::support::proc::run(&cmd("register", one.clone())).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = crate::support::proc::run(&cmd("deregister", one)).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    eventually(
+        Duration::from_secs(5),
+        "deregister: leaving, then the revoke",
+        || {
+            let r = announced_then_revoked(&later.events(), 2);
+            async move { r }
+        },
+    )
+    .await;
+}

@@ -176,7 +176,7 @@ async fn ls_never_shows_a_half_written_host_while_hosts_register() {
 }
 
 /// A running `registrar watch -o json`, its lines collected.
-struct WatchProc {
+pub(crate) struct WatchProc {
     child: tokio::process::Child,
     lines: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
 }
@@ -187,7 +187,7 @@ impl WatchProc {
     }
 
     /// `watch -o json ARGS...` through `eps`.
-    fn start_with(eps: &str, args: &[&str]) -> WatchProc {
+    pub(crate) fn start_with(eps: &str, args: &[&str]) -> WatchProc {
         let mut child = registrar()
             .arg("watch")
             .args(args)
@@ -220,7 +220,7 @@ impl WatchProc {
     }
 
     /// (event, host) pairs seen, snapshot lines included.
-    fn events(&self) -> Vec<(String, String)> {
+    pub(crate) fn events(&self) -> Vec<(String, String)> {
         self.lines
             .lock()
             .unwrap()
