@@ -472,18 +472,18 @@ pub trait Exposed: Clone + Send + Sync + 'static {
     /// The metrics in Prometheus/OpenMetrics text.
     fn render(&self) -> String;
     /// `/health`: 200 with the first text, or 503 with the second.
-    fn health(&self) -> Result<&'static str, &'static str>;
+    fn health(&self) -> Result<String, String>;
 }
 
 impl Exposed for Metrics {
     fn render(&self) -> String {
         Metrics::render(self)
     }
-    fn health(&self) -> Result<&'static str, &'static str> {
+    fn health(&self) -> Result<String, String> {
         if self.lease_alive() {
-            Ok("lease alive\n")
+            Ok("lease alive\n".into())
         } else {
-            Err("lease not alive\n")
+            Err("lease not alive\n".into())
         }
     }
 }
@@ -502,7 +502,9 @@ pub struct RenderMetrics {
     pub registry_revision: Gauge,
     /// Templates whose last render was refused by min_hosts (their
     /// previous file stays).
-    pub held: Gauge,
+    pub refusing: Gauge,
+    /// Fail static: hosts held in the templates' output.
+    pub holds: HoldMetrics,
     ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -525,7 +527,8 @@ impl RenderMetrics {
             min_hosts_refusals: Counter::default(),
             rendered_revision: Gauge::default(),
             registry_revision: Gauge::default(),
-            held: Gauge::default(),
+            refusing: Gauge::default(),
+            holds: HoldMetrics::default(),
             ready: Arc::default(),
         };
         for (name, help, c) in [
@@ -569,10 +572,11 @@ impl RenderMetrics {
             m.registry_revision.clone(),
         );
         registry.register(
-            "held_templates",
+            "min_hosts_refusing_templates",
             "Templates whose last render was refused by min_hosts; their previous file stays",
-            m.held.clone(),
+            m.refusing.clone(),
         );
+        m.holds.register(&mut registry, "templates");
         RenderMetrics {
             registry: Arc::new(registry),
             ..m
@@ -589,13 +593,116 @@ impl Exposed for RenderMetrics {
     fn render(&self) -> String {
         encode(&self.registry)
     }
-    fn health(&self) -> Result<&'static str, &'static str> {
+    fn health(&self) -> Result<String, String> {
         if !self.ready.load(std::sync::atomic::Ordering::Relaxed) {
-            Err("not rendered yet\n")
-        } else if self.held.get() > 0 {
-            Ok("rendered; a template is held by min_hosts and its previous file stays\n")
-        } else {
-            Ok("rendered\n")
+            return Err("not rendered yet\n".into());
+        }
+        let mut text = "rendered".to_string();
+        if self.refusing.get() > 0 {
+            text.push_str("; a template is held by min_hosts and its previous file stays");
+        }
+        text.push_str(&self.holds.said());
+        text.push('\n');
+        Ok(text)
+    }
+}
+
+/// Why hosts were held, as a label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// Fail static's figures, the same for `render` and `dns` (contract
+/// section 8). Cheap to clone; clones share the values.
+#[derive(Clone, Default)]
+pub struct HoldMetrics {
+    /// Hosts held in the output now.
+    pub hosts: Gauge,
+    /// Templates (render) or roles (dns) whose output holds a host now.
+    pub units: Gauge,
+    /// Holds started, by reason.
+    pub started: Family<ReasonLabels, Counter>,
+    /// How long hosts have been held without a break (0: none are).
+    pub holding_seconds: Gauge<f64, AtomicU64>,
+    /// The longest `settle` in force.
+    pub settle_seconds: Gauge<f64, AtomicU64>,
+}
+
+impl HoldMetrics {
+    fn register(&self, registry: &mut Registry, units: &str) {
+        registry.register(
+            "holding_hosts",
+            "Hosts that vanished without leaving, still shown (fail static)",
+            self.hosts.clone(),
+        );
+        registry.register(
+            format!("holding_{units}"),
+            format!("{units} whose output shows a held host"),
+            self.units.clone(),
+        );
+        registry.register(
+            "holds",
+            "Holds started, by reason: reset (history lost), mass (one revision removed several machines), drop (more than max_drop of a role within settle)",
+            self.started.clone(),
+        );
+        for reason in ["reset", "mass", "drop"] {
+            let _ = self.started.get_or_create(&ReasonLabels { reason });
+        }
+        registry.register(
+            "holding_seconds",
+            "How long hosts have been held without a break; above settle_seconds, holds keep coming",
+            self.holding_seconds.clone(),
+        );
+        registry.register(
+            "settle_seconds",
+            "The longest fail_static settle in force",
+            self.settle_seconds.clone(),
+        );
+    }
+
+    /// Counts the holds that `events` started.
+    pub fn count(&self, events: &[crate::registry::hold::Event]) {
+        for e in events {
+            if let crate::registry::hold::Event::Started { reason, .. } = e {
+                self.started
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.as_str(),
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    /// Shows how many hosts are held, for how long without a break, and
+    /// the longest `settle` in force.
+    pub fn show(&self, hosts: usize, holding_for: Option<Duration>, settle: Duration) {
+        self.hosts.set(hosts as i64);
+        self.holding_seconds
+            .set(holding_for.map_or(0.0, |d| d.as_secs_f64()));
+        self.settle_seconds.set(settle.as_secs_f64());
+    }
+
+    /// [`count`](Self::count) and [`show`](Self::show) for one [`Holds`](crate::registry::hold::Holds).
+    pub fn record(
+        &self,
+        holds: &crate::registry::hold::Holds,
+        events: &[crate::registry::hold::Event],
+        now: tokio::time::Instant,
+    ) {
+        self.count(events);
+        self.show(
+            holds.held().len(),
+            holds.holding_for(now),
+            holds.settings().settle,
+        );
+    }
+
+    /// What /health adds: nothing, or how many hosts are held.
+    fn said(&self) -> String {
+        match self.hosts.get() {
+            0 => String::new(),
+            n => format!("; holding {n} hosts that vanished without leaving (fail static)"),
         }
     }
 }
@@ -619,6 +726,8 @@ pub struct DnsMetrics {
     pub withheld: Gauge,
     /// Host entries whose names are not valid DNS names.
     pub unnamed: Gauge,
+    /// Fail static: hosts held in the answers.
+    pub holds: HoldMetrics,
     ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -640,6 +749,7 @@ impl DnsMetrics {
             answer_revision: Gauge::default(),
             withheld: Gauge::default(),
             unnamed: Gauge::default(),
+            holds: HoldMetrics::default(),
             ready: Arc::default(),
         };
         registry.register(
@@ -667,6 +777,7 @@ impl DnsMetrics {
             "Host entries served under no name: their names are not valid DNS names",
             m.unnamed.clone(),
         );
+        m.holds.register(&mut registry, "roles");
         DnsMetrics {
             registry: Arc::new(registry),
             ..m
@@ -683,11 +794,11 @@ impl Exposed for DnsMetrics {
     fn render(&self) -> String {
         encode(&self.registry)
     }
-    fn health(&self) -> Result<&'static str, &'static str> {
+    fn health(&self) -> Result<String, String> {
         if self.ready.load(std::sync::atomic::Ordering::Relaxed) {
-            Ok("serving\n")
+            Ok(format!("serving{}\n", self.holds.said()))
         } else {
-            Err("the registry has not been read yet\n")
+            Err("the registry has not been read yet\n".into())
         }
     }
 }
@@ -794,8 +905,8 @@ fn answer<M: Exposed>(
             classic_text(&metrics.render()),
         ),
         ("/health", true) => match metrics.health() {
-            Ok(text) => (StatusCode::OK, "text/plain", text.into()),
-            Err(text) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", text.into()),
+            Ok(text) => (StatusCode::OK, "text/plain", text),
+            Err(text) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", text),
         },
         ("/metrics" | "/health", false) => (
             StatusCode::METHOD_NOT_ALLOWED,

@@ -37,6 +37,9 @@ impl Config {
             metrics_listen: Option<String>,
             #[serde(skip_serializing_if = "BTreeMap::is_empty")]
             srv_min: &'a BTreeMap<String, usize>,
+            fail_static: String,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            templates: Vec<BTreeMap<&'static str, String>>,
         }
         let address = match &self.address {
             AddressChoice::Explicit(ip) => format!("ip {ip}"),
@@ -77,6 +80,8 @@ impl Config {
             checks: self.checks.iter().map(check_display).collect(),
             metrics_listen: self.metrics_listen.map(|a| a.to_string()),
             srv_min: &self.srv_min,
+            fail_static: fail_static_display(self.fail_static),
+            templates: self.templates.iter().map(template_display).collect(),
         };
         serde_yaml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
@@ -84,6 +89,52 @@ impl Config {
     fn family(&self) -> &'static str {
         if self.ipv6 { "IPv6" } else { "IPv4" }
     }
+}
+
+fn fail_static_display(f: crate::registry::hold::FailStatic) -> String {
+    if f.settle.is_zero() {
+        return "off (settle 0s)".into();
+    }
+    format!(
+        "settle {}, max_drop {}%",
+        humantime::format_duration(f.settle),
+        (f.max_drop * 100.0).round()
+    )
+}
+
+/// A template as `check-config` shows it, every default filled in.
+fn template_display(t: &super::TemplateSpec) -> BTreeMap<&'static str, String> {
+    let argv = |a: &Option<Vec<String>>| a.as_ref().map_or("none".into(), |v| format!("{v:?}"));
+    let mut m = BTreeMap::new();
+    m.insert("source", t.source.display().to_string());
+    m.insert("destination", t.destination.display().to_string());
+    m.insert("check", argv(&t.check));
+    m.insert("reload", argv(&t.reload));
+    m.insert(
+        "wait",
+        format!(
+            "min {}, max {}",
+            humantime::format_duration(t.wait_min),
+            humantime::format_duration(t.wait_max)
+        ),
+    );
+    m.insert(
+        "min_hosts",
+        t.min_hosts.map_or("none".into(), |n| n.to_string()),
+    );
+    m.insert(
+        "mode",
+        t.mode.map_or("the existing file's, else 0644".into(), |m| {
+            format!("{m:04o}")
+        }),
+    );
+    m.insert(
+        "command_timeout",
+        humantime::format_duration(t.command_timeout).to_string(),
+    );
+    m.insert("max_output", format!("{} bytes", t.max_output));
+    m.insert("fail_static", fail_static_display(t.fail_static));
+    m
 }
 
 fn check_display(c: &crate::check::Spec) -> BTreeMap<&'static str, String> {

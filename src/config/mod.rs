@@ -35,7 +35,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cli::{Common, LogFormat};
-pub use raw::{RawCheck, RawConfig, RawDuration, RawSize, RawTemplate};
+pub use raw::{RawCheck, RawConfig, RawDuration, RawFailStatic, RawSize, RawTemplate};
 
 pub use limits::{MAX_TXN_BYTES, MAX_TXN_OPS};
 
@@ -67,6 +67,8 @@ pub struct TemplateSpec {
     pub command_timeout: Duration,
     /// Output larger than this many bytes is refused.
     pub max_output: usize,
+    /// When vanished hosts are held (contract section 8).
+    pub fail_static: crate::registry::hold::FailStatic,
 }
 
 /// `max_output` when a template does not set it.
@@ -141,6 +143,8 @@ pub struct Config {
     /// `registrar dns`'s quorum gate: `<role>.<dc>` (lower case, as the DNS
     /// name spells it) → healthy hosts needed before SRV answers are served.
     pub srv_min: BTreeMap<String, usize>,
+    /// Fail static for `dns`, and the templates' default.
+    pub fail_static: crate::registry::hold::FailStatic,
     /// The file the config came from, for messages and reload.
     pub source: Option<PathBuf>,
     /// Things worth a warning that do not make the config invalid (logged

@@ -72,6 +72,49 @@ pub struct RawConfig {
     /// `registrar dns`'s quorum gate: `<role>.<dc>` → the number of healthy
     /// hosts that must publish a service before its SRV records are served.
     pub srv_min: Option<BTreeMap<String, i64>>,
+    /// Fail static for `dns`, and for render templates that do not set
+    /// their own.
+    pub fail_static: Option<RawFailStatic>,
+}
+
+/// `fail_static: {settle, max_drop}` (contract section 8).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFailStatic {
+    /// How long a host that vanished without `leaving` is held at most
+    /// (default 60s; 0s turns fail static off).
+    pub settle: Option<RawDuration>,
+    /// The share of a role's hosts that may vanish within `settle` without
+    /// a hold, e.g. "50%" (the default); "100%" turns the drop guards off.
+    pub max_drop: Option<RawPercent>,
+}
+
+/// A percentage as written: "50%", or a number of percent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawPercent {
+    Number(f64),
+    Text(String),
+}
+
+impl RawPercent {
+    /// The share, 0 to 1.
+    pub fn parse(&self) -> Result<f64, String> {
+        let n = match self {
+            RawPercent::Number(n) => *n,
+            RawPercent::Text(t) => t
+                .trim()
+                .trim_end_matches('%')
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| format!("{t:?} is not a percentage; write it like \"50%\""))?,
+        };
+        if (0.0..=100.0).contains(&n) {
+            Ok(n / 100.0)
+        } else {
+            Err(format!("{n}% is not between 0% and 100%"))
+        }
+    }
 }
 
 /// One template of `registrar render` (contract section 6).
@@ -103,6 +146,8 @@ pub struct RawTemplate {
     /// Refuse a render whose output is larger: bytes, or with a unit
     /// (KiB, MiB, GiB), e.g. "64MiB" (the default).
     pub max_output: Option<RawSize>,
+    /// Fail static for this template (default: the top-level `fail_static`).
+    pub fail_static: Option<RawFailStatic>,
 }
 
 /// A size as written in YAML: a number of bytes, or text with a unit.

@@ -106,6 +106,13 @@ pub(super) fn merge(
     let id = identity(&mut p, flags, &raw);
     let mut reports = reporting(&mut p, flags, &raw);
     warnings.append(&mut reports.warnings);
+    let fail_static = fail_static_field(
+        &mut p,
+        &Origin::File(vec!["fail_static".into()]),
+        "fail_static",
+        raw.fail_static.as_ref(),
+        crate::registry::hold::FailStatic::default(),
+    );
     let config = Config {
         etcd,
         prefix: id.prefix,
@@ -128,8 +135,10 @@ pub(super) fn merge(
             &mut p,
             raw.templates.as_deref().unwrap_or_default(),
             env.get("PATH").map(String::as_str),
+            fail_static,
         ),
         srv_min: srv_min_field(&mut p, raw.srv_min.as_ref()),
+        fail_static,
         source: file.map(|f| f.path.clone()),
         warnings,
     };

@@ -581,6 +581,7 @@ pub(super) fn templates_field(
     p: &mut Problems,
     raw: &[super::RawTemplate],
     search_path: Option<&str>,
+    fail_static: crate::registry::hold::FailStatic,
 ) -> Vec<TemplateSpec> {
     let mut out = Vec::new();
     // Each destination's final target → the first template writing it.
@@ -786,6 +787,13 @@ pub(super) fn templates_field(
                 }
             },
         };
+        let fail_static = fail_static_field(
+            p,
+            &at("fail_static"),
+            &field,
+            t.fail_static.as_ref(),
+            fail_static,
+        );
         if p.list.len() == before {
             out.push(TemplateSpec {
                 source,
@@ -800,10 +808,39 @@ pub(super) fn templates_field(
                 group,
                 command_timeout,
                 max_output,
+                fail_static,
             });
         }
     }
     out
+}
+
+/// `fail_static: {settle, max_drop}`, each part defaulting to `default`'s.
+/// `settle: 0s` turns holding off.
+pub(super) fn fail_static_field(
+    p: &mut Problems,
+    at: &Origin,
+    field: &str,
+    raw: Option<&super::RawFailStatic>,
+    default: crate::registry::hold::FailStatic,
+) -> crate::registry::hold::FailStatic {
+    let Some(raw) = raw else { return default };
+    let settle = match &raw.settle {
+        None => default.settle,
+        Some(RawDuration::Text(s)) if s.trim() == "0" || s.trim() == "0s" => Duration::ZERO,
+        Some(d) => d.parse().unwrap_or_else(|msg| {
+            p.push(at, field, format_args!("fail_static.settle: {msg}"));
+            default.settle
+        }),
+    };
+    let max_drop = match &raw.max_drop {
+        None => default.max_drop,
+        Some(m) => m.parse().unwrap_or_else(|msg| {
+            p.push(at, field, format_args!("fail_static.max_drop: {msg}"));
+            default.max_drop
+        }),
+    };
+    crate::registry::hold::FailStatic { settle, max_drop }
 }
 
 /// Why `program` could not be started, if that can be told now: a path

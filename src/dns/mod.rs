@@ -25,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::reload::Reloads;
 use crate::etcd::{Etcd, EtcdError};
-use crate::registry::HostId;
 use crate::registry::follow::Follower;
+use crate::registry::hold::{self, FailStatic, Holds};
+use crate::registry::{HostId, Hosts, Shown};
 use crate::telemetry::DnsMetrics;
 use server::{Handler, Published};
 pub use zone::Settings;
@@ -96,10 +97,12 @@ impl Sockets {
 }
 
 /// Serves DNS until `cancel`. Returns only fatal etcd errors.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     prefix: &str,
     etcd: &Etcd,
     settings: Settings,
+    fail_static: FailStatic,
     sockets: Sockets,
     cancel: &CancellationToken,
     reloads: Option<Reloads>,
@@ -117,18 +120,31 @@ pub async fn run(
     for tcp in sockets.tcp {
         tcp_server.register_listener(tcp, TCP_IDLE, 64);
     }
-    let result = follow(prefix, etcd, settings, &published, cancel, reloads, metrics).await;
+    let result = follow(
+        prefix,
+        etcd,
+        settings,
+        Holds::new(fail_static),
+        &published,
+        cancel,
+        reloads,
+        metrics,
+    )
+    .await;
     if let Err(e) = tcp_server.shutdown_gracefully().await {
         tracing::debug!(error = %e, "the DNS server stopped with an error");
     }
     result
 }
 
-/// Keeps the published zone in step with the registry.
+/// Keeps the published zone in step with the registry, with the hosts
+/// fail static holds put back ([`Shown`]).
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     prefix: &str,
     etcd: &Etcd,
     mut settings: Settings,
+    mut holds: Holds,
     published: &Published,
     cancel: &CancellationToken,
     reloads: Option<Reloads>,
@@ -145,6 +161,9 @@ async fn follow(
         tracing::debug!(key = m.key, why = m.why, "skipping a malformed key");
     }
     let zone = Zone::build(&follower.registry, follower.revision, settings.clone());
+    metrics
+        .holds
+        .record(&holds, &[], tokio::time::Instant::now());
     let names = zone.names();
     show(&zone, metrics);
     published.set(zone);
@@ -164,22 +183,49 @@ async fn follow(
         // Biased: every change already here is applied to the mirror before
         // the zone catches up, so a burst costs one update. The follower
         // keeps its watch when its future is dropped.
+        let release = holds.next_release();
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return Ok(()),
             batch = follower.next(&mut report) => {
-                touched.extend(batch?.changes.into_iter().map(|(id, _, _)| id));
+                let batch = batch?;
+                let live = &follower.registry;
+                let events = holds.observe(
+                    tokio::time::Instant::now(),
+                    batch.changes.iter().map(|(id, b, a)| (id, b.as_ref(), a.as_ref())),
+                    batch.reset,
+                    |dc, role| live.in_role(dc, role).filter(|id| live.hosts.get(*id).is_some_and(|h| h.present())).count(),
+                );
+                hold::log(&events, "dns");
+                metrics.holds.record(&holds, &events, tokio::time::Instant::now());
+                touched.extend(batch.changes.into_iter().map(|(id, _, _)| id));
+            }
+            _ = tokio::time::sleep_until(release.unwrap_or_else(tokio::time::Instant::now)), if release.is_some() => {
+                let (ended, events) = holds.expire(tokio::time::Instant::now());
+                hold::log(&events, "dns");
+                metrics.holds.record(&holds, &events, tokio::time::Instant::now());
+                touched.extend(ended);
             }
             _ = std::future::ready(()), if !touched.is_empty() => {
                 let revision = follower.revision;
+                let shown = Shown { live: &follower.registry, held: holds.held() };
                 published.update(|zone| {
-                    zone.apply(&follower.registry, &touched, revision);
+                    zone.apply(&shown, &touched, revision);
                     show(zone, metrics);
                     tracing::debug!(revision, hosts = touched.len(), names = zone.names(), "answers updated");
                 });
+                let roles: BTreeSet<(&str, &str)> = holds
+                    .held()
+                    .keys()
+                    .map(|id| (id.dc.as_str(), id.role.as_str()))
+                    .collect();
+                metrics.holds.units.set(roles.len() as i64);
                 touched.clear();
             }
-            _ = watchdog.tick() => crate::telemetry::notify_watchdog(),
+            _ = watchdog.tick() => {
+                metrics.holds.record(&holds, &[], tokio::time::Instant::now());
+                crate::telemetry::notify_watchdog();
+            }
             _ = crate::agent::reload::sighup(reloads.as_ref().map(|r| r.notify.as_ref())) => {
                 let Some(r) = &reloads else { continue };
                 match (r.load)() {
@@ -190,7 +236,8 @@ async fn follow(
                     Ok(config) => {
                         settings.srv_min = config.srv_min;
                         tracing::info!(srv_min = ?settings.srv_min, "configuration reloaded: new srv_min in force (other settings take a restart)");
-                        let zone = Zone::build(&follower.registry, follower.revision, settings.clone());
+                        let shown = Shown { live: &follower.registry, held: holds.held() };
+                        let zone = Zone::build(&shown, follower.revision, settings.clone());
                         show(&zone, metrics);
                         published.set(zone);
                         touched.clear();

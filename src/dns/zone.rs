@@ -29,7 +29,9 @@ use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder};
 use rand::seq::SliceRandom;
 
 use crate::registry::Health;
-use crate::registry::{HostId, HostView, Registry};
+#[cfg(test)]
+use crate::registry::Registry;
+use crate::registry::{HostId, HostView, Hosts};
 
 /// What shapes the answers, apart from the registry.
 #[derive(Debug, Clone)]
@@ -245,9 +247,9 @@ impl Zone {
     }
 
     /// Every answer for the registry at `revision`.
-    pub fn build(registry: &Registry, revision: i64, settings: Settings) -> Zone {
+    pub fn build(registry: &dyn Hosts, revision: i64, settings: Settings) -> Zone {
         let mut zone = Zone::new(settings);
-        let ids: Vec<&HostId> = registry.hosts.keys().collect();
+        let ids: Vec<&HostId> = registry.ids();
         zone.apply(registry, ids, revision);
         zone
     }
@@ -256,7 +258,7 @@ impl Zone {
     /// registry at `revision`.
     pub fn apply<'a>(
         &mut self,
-        registry: &Registry,
+        registry: &dyn Hosts,
         touched: impl IntoIterator<Item = &'a HostId>,
         revision: i64,
     ) {
@@ -297,13 +299,12 @@ impl Zone {
                 && h.maintenance.is_none())
     }
 
-    fn refresh_host(&mut self, registry: &Registry, id: &HostId) {
+    fn refresh_host(&mut self, registry: &dyn Hosts, id: &HostId) {
         if let Some(old) = self.hosts.remove(id) {
             self.take(&old.name, &Owner::Host(id.clone()));
         }
         let Some((host, ip)) = registry
-            .hosts
-            .get(id)
+            .host(id)
             .filter(|h| h.present())
             .and_then(|h| Some((h, h.ip?)))
         else {
@@ -366,23 +367,16 @@ impl Zone {
         self.hosts.insert(id.clone(), Arc::new(entry));
     }
 
-    fn refresh_role(&mut self, registry: &Registry, key: &RoleKey) {
+    fn refresh_role(&mut self, registry: &dyn Hosts, key: &RoleKey) {
         let owner = Owner::Role(key.clone());
         let old = self.roles.remove(key).unwrap_or_default();
         for name in &old.names {
             self.take(name, &owner);
         }
         let (dc, role) = key;
-        let start = HostId {
-            dc: dc.clone(),
-            role: role.clone(),
-            host: String::new(),
-        };
         let members: Vec<Arc<HostEntry>> = registry
-            .hosts
-            .range(start..)
-            .take_while(|(id, _)| id.dc == *dc && id.role == *role)
-            .filter_map(|(id, _)| self.hosts.get(id).cloned())
+            .in_role(dc, role)
+            .filter_map(|id| self.hosts.get(id).cloned())
             .collect();
         let domain = self.settings.domain.clone();
         let names = (

@@ -33,6 +33,10 @@ pub struct Batch {
     /// The keys put or deleted (after a re-read: the keys whose value
     /// differs from the registry before it), malformed ones included.
     pub keys: Vec<String>,
+    /// The history was lost and the registry re-read: the changes are the
+    /// difference, not events (fail static treats what vanished in it as
+    /// an accident of the registry; see [`super::hold`]).
+    pub reset: bool,
 }
 
 pub struct Follower<'a> {
@@ -257,6 +261,7 @@ impl<'a> Follower<'a> {
                         revision: self.revision,
                         changes,
                         keys,
+                        reset: true,
                     });
                 }
                 continue;
@@ -322,6 +327,7 @@ impl<'a> Follower<'a> {
                     revision: rev,
                     changes,
                     keys,
+                    reset: false,
                 });
             }
             if resp.events().is_empty()

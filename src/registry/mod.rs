@@ -13,6 +13,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 pub mod follow;
+pub mod hold;
 
 use crate::check::Status;
 use crate::layout::{HostDir, Leaf, parse_key};
@@ -115,6 +116,39 @@ impl HostView {
     /// It announced a graceful stop: its removal is planned.
     pub fn leaving(&self) -> bool {
         self.health == Some(Health::Leaving)
+    }
+
+    /// The keys and values of this host, as the agent writes them: what a
+    /// consumer that shows a host held by fail static gives confd-style
+    /// template functions.
+    pub fn raw(&self, prefix: &str, id: &HostId) -> Vec<(String, String)> {
+        let dir = format!("{prefix}/{}/{}/{}/", id.dc, id.role, id.host);
+        let mut out = Vec::new();
+        let mut put = |leaf: String, value: String| out.push((format!("{dir}{leaf}"), value));
+        if let Some(ip) = self.ip {
+            put("ip".into(), ip.to_string());
+        }
+        if let Some(h) = self.health {
+            put("health".into(), h.to_string());
+        }
+        if let Some(o) = &self.owner {
+            put("owner".into(), o.clone());
+        }
+        if let Some(m) = &self.maintenance {
+            put("maintenance".into(), m.clone());
+        }
+        for (name, port) in &self.services {
+            put(format!("services/{name}"), port.to_string());
+        }
+        for (k, v) in &self.meta {
+            put(format!("meta/{k}"), v.clone());
+        }
+        for (name, c) in &self.checks {
+            let json =
+                serde_json::json!({"status": c.status, "output": c.output, "since": c.since});
+            put(format!("checks/{name}"), json.to_string());
+        }
+        out
     }
 
     /// "2/3 passing" style summary of the checks.
@@ -329,6 +363,112 @@ impl Registry {
     /// The hosts consumers may use.
     pub fn present(&self) -> impl Iterator<Item = (&HostId, &HostView)> {
         self.hosts.iter().filter(|(_, h)| h.present())
+    }
+}
+
+/// What a consumer reads hosts from: the registry, or the registry with
+/// the hosts fail static holds put back ([`Shown`]).
+pub trait Hosts {
+    /// A host's state.
+    fn host(&self, id: &HostId) -> Option<&HostView>;
+    /// The ids of one role of one DC, in order.
+    fn in_role<'a>(
+        &'a self,
+        dc: &'a str,
+        role: &'a str,
+    ) -> Box<dyn Iterator<Item = &'a HostId> + 'a>;
+    /// Every id.
+    fn ids(&self) -> Vec<&HostId>;
+}
+
+/// The first id of a role in the order of [`HostId`].
+fn role_start(dc: &str, role: &str) -> HostId {
+    HostId {
+        dc: dc.to_string(),
+        role: role.to_string(),
+        host: String::new(),
+    }
+}
+
+impl Hosts for Registry {
+    fn host(&self, id: &HostId) -> Option<&HostView> {
+        self.hosts.get(id)
+    }
+    fn in_role<'a>(
+        &'a self,
+        dc: &'a str,
+        role: &'a str,
+    ) -> Box<dyn Iterator<Item = &'a HostId> + 'a> {
+        Box::new(
+            self.hosts
+                .range(role_start(dc, role)..)
+                .map(|(id, _)| id)
+                .take_while(move |id| id.dc == dc && id.role == role),
+        )
+    }
+    fn ids(&self) -> Vec<&HostId> {
+        self.hosts.keys().collect()
+    }
+}
+
+/// The live registry with the hosts that fail static holds put back, as
+/// they were last seen (see [`hold`]). A host present in the registry is
+/// shown as it is there.
+pub struct Shown<'a> {
+    pub live: &'a Registry,
+    pub held: &'a BTreeMap<HostId, hold::Held>,
+}
+
+impl Shown<'_> {
+    fn live_present(&self, id: &HostId) -> bool {
+        self.live.hosts.get(id).is_some_and(HostView::present)
+    }
+}
+
+impl Hosts for Shown<'_> {
+    fn host(&self, id: &HostId) -> Option<&HostView> {
+        match self.live.hosts.get(id) {
+            Some(h) if h.present() => Some(h),
+            live => self.held.get(id).map(|h| &h.view).or(live),
+        }
+    }
+    fn in_role<'a>(
+        &'a self,
+        dc: &'a str,
+        role: &'a str,
+    ) -> Box<dyn Iterator<Item = &'a HostId> + 'a> {
+        let held = self
+            .held
+            .range(role_start(dc, role)..)
+            .map(|(id, _)| id)
+            .take_while(move |id| id.dc == dc && id.role == role)
+            .filter(move |id| !self.live.hosts.contains_key(*id));
+        Box::new(self.live.in_role(dc, role).chain(held))
+    }
+    fn ids(&self) -> Vec<&HostId> {
+        let mut ids = self.live.ids();
+        ids.extend(
+            self.held
+                .keys()
+                .filter(|id| !self.live.hosts.contains_key(*id)),
+        );
+        ids
+    }
+}
+
+impl Shown<'_> {
+    /// The registry as shown: the live one with the held hosts (and their
+    /// keys, for confd-style template functions) put back.
+    pub fn to_registry(&self, prefix: &str) -> Registry {
+        let mut r = self.live.clone();
+        for (id, held) in self.held {
+            if self.live_present(id) {
+                continue;
+            }
+            r.hosts.insert(id.clone(), held.view.clone());
+            r.raw.extend(held.view.raw(prefix, id));
+        }
+        r
     }
 }
 

@@ -10,6 +10,11 @@
 //! Fail closed: nothing is rendered before the first complete read; while
 //! etcd is unreachable the last output stays; a render listing fewer hosts
 //! than `min_hosts`, or a template error, keeps the previous file.
+//!
+//! Fail static (contract section 8): each template has its own
+//! [`Holds`]; a host that vanished without `leaving` in a way that looks
+//! like an accident of the registry is shown to that template as it was
+//! last seen, until it is back or `fail_static.settle` has passed.
 
 pub mod template;
 pub mod write;
@@ -25,8 +30,9 @@ use crate::agent::reload::{self, Reloads};
 use crate::child::{self, Leftovers};
 use crate::config::{Config, TemplateSpec};
 use crate::etcd::{Etcd, EtcdError};
-use crate::registry::Malformed;
-use crate::registry::follow::Follower;
+use crate::registry::follow::{Batch, Follower};
+use crate::registry::hold::{self, Holds};
+use crate::registry::{HostId, Hosts, Malformed, Registry, Shown};
 use crate::telemetry::RenderMetrics;
 use template::{Reads, View};
 
@@ -67,7 +73,10 @@ struct Slot {
     /// What the last render read: changes elsewhere leave it alone.
     reads: Reads,
     /// Its last render was refused by `min_hosts`.
-    held: bool,
+    refused: bool,
+    /// Fail static: hosts that vanished without `leaving` and are still
+    /// shown to this template (contract section 8).
+    holds: Holds,
 }
 
 impl Slot {
@@ -88,7 +97,8 @@ impl Slot {
             last_change: Instant::now(),
             listed: None,
             reads: Reads::All,
-            held: false,
+            refused: false,
+            holds: Holds::new(spec.fail_static),
         })
     }
 
@@ -109,10 +119,65 @@ impl Slot {
         }
     }
 
+    /// Takes in one batch for fail static, and says what it decided.
+    fn observe(&mut self, batch: &Batch, live: &Registry, now: Instant, metrics: &RenderMetrics) {
+        let events = self.holds.observe(
+            now,
+            batch
+                .changes
+                .iter()
+                .map(|(id, b, a)| (id, b.as_ref(), a.as_ref())),
+            batch.reset,
+            |dc, role| {
+                live.in_role(dc, role)
+                    .filter(|id| live.hosts.get(*id).is_some_and(|h| h.present()))
+                    .count()
+            },
+        );
+        self.said(&events, metrics);
+    }
+
+    /// Ends the holds whose settle passed: their removal is a change.
+    fn expire(&mut self, prefix: &str, now: Instant, metrics: &RenderMetrics) {
+        let (ended, events) = self.holds.expire(now);
+        self.said(&events, metrics);
+        let keys: Vec<String> = ended
+            .iter()
+            .map(|id| format!("{prefix}/{}/{}/{}/ip", id.dc, id.role, id.host))
+            .collect();
+        self.changed(&keys, now);
+    }
+
+    fn said(&self, events: &[hold::Event], metrics: &RenderMetrics) {
+        if !events.is_empty() {
+            hold::log(
+                events,
+                &format!("render of {}", self.spec.destination.display()),
+            );
+            metrics.holds.count(events);
+        }
+    }
+
+    /// The registry this template is shown: the live one, or, while it
+    /// holds hosts, the live one with them put back.
+    fn view(&self, live: &View) -> View {
+        if self.holds.held().is_empty() {
+            return live.clone();
+        }
+        let shown = Shown {
+            live: &live.registry,
+            held: self.holds.held(),
+        };
+        View {
+            registry: Arc::new(shown.to_registry(&live.prefix)),
+            ..live.clone()
+        }
+    }
+
     /// The last render was written, found unchanged, or held by
     /// `min_hosts`: a state render can stand by (READY=1 waits for it).
     fn settled(&self) -> bool {
-        self.listed.is_some() || self.held
+        self.listed.is_some() || self.refused
     }
 }
 
@@ -121,6 +186,34 @@ const NO_TEMPLATES: &str =
 
 /// Every template of `config`, loaded and parsed: all of them, or the
 /// first problem.
+/// Keeps the holds of templates whose destination and `fail_static` a
+/// reload left as they were: a SIGHUP must not drop a hold.
+fn carry_holds(old: &mut [Slot], new: &mut [Slot]) {
+    for n in new.iter_mut() {
+        if let Some(o) = old.iter_mut().find(|o| {
+            o.spec.destination == n.spec.destination && o.spec.fail_static == n.spec.fail_static
+        }) {
+            n.holds = std::mem::take(&mut o.holds);
+        }
+    }
+}
+
+/// Fail static's figures over every template.
+fn show_holds(slots: &[Slot], metrics: &RenderMetrics, now: Instant) {
+    let hosts: BTreeSet<&HostId> = slots.iter().flat_map(|s| s.holds.held().keys()).collect();
+    let holding_for = slots.iter().filter_map(|s| s.holds.holding_for(now)).max();
+    let settle = slots
+        .iter()
+        .map(|s| s.holds.settings().settle)
+        .max()
+        .unwrap_or_default();
+    metrics.holds.show(hosts.len(), holding_for, settle);
+    metrics
+        .holds
+        .units
+        .set(slots.iter().filter(|s| !s.holds.held().is_empty()).count() as i64);
+}
+
 fn load_all(config: &Config) -> Result<Vec<Slot>, RenderError> {
     if config.templates.is_empty() {
         return Err(RenderError::Config(NO_TEMPLATES.into()));
@@ -220,8 +313,9 @@ pub async fn run(
         match exit {
             Exit::Done => return Ok(()),
             Exit::Switch(new) => {
-                let (new_config, new_etcd, new_slots) = *new;
+                let (new_config, new_etcd, mut new_slots) = *new;
                 config = new_config;
+                carry_holds(&mut slots, &mut new_slots);
                 slots = new_slots;
                 switched = Some(new_etcd);
             }
@@ -274,19 +368,21 @@ async fn follow(
             .filter(|i| slots[*i].due().is_some_and(|at| at <= now))
             .collect();
         if !due.is_empty() {
-            let view = View {
+            let live = View {
                 prefix: prefix.clone(),
                 revision: follower.revision,
                 registry: Arc::new(follower.registry.clone()),
             };
-            let cycle = render_cycle(slots, &due, &view, options, metrics).await;
+            let views: BTreeMap<usize, View> =
+                due.iter().map(|&i| (i, slots[i].view(&live))).collect();
+            let cycle = render_cycle(slots, &views, options, metrics).await;
             metrics.rendered_revision.set(follower.revision);
             let held: Vec<String> = slots
                 .iter()
-                .filter(|s| s.held)
+                .filter(|s| s.refused)
                 .map(|s| s.spec.destination.display().to_string())
                 .collect();
-            metrics.held.set(held.len() as i64);
+            metrics.refusing.set(held.len() as i64);
             if options.once || options.dry_run {
                 if let Some(e) = cycle.broken.first() {
                     return Err(RenderError::Config(e.clone()));
@@ -318,7 +414,11 @@ async fn follow(
                 crate::telemetry::notify_status(&status);
             }
         }
-        let next_due = slots.iter().filter_map(Slot::due).min();
+        let next_due = slots
+            .iter()
+            .filter_map(Slot::due)
+            .chain(slots.iter().filter_map(|s| s.holds.next_release()))
+            .min();
         let timer = async {
             match next_due {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -334,7 +434,15 @@ async fn follow(
                     crate::telemetry::notify_watchdog();
                 }
             }
-            _ = timer => {}
+            _ = timer => {
+                let now = Instant::now();
+                for slot in slots.iter_mut() {
+                    if slot.holds.next_release().is_some_and(|at| at <= now) {
+                        slot.expire(&prefix, now, metrics);
+                    }
+                }
+                show_holds(slots, metrics, now);
+            }
             _ = reloaded => {
                 let Some(reloads) = reloads else { continue };
                 if let Some(switch) = reload_config(config, etcd, slots, &reloads.load).await {
@@ -346,8 +454,10 @@ async fn follow(
                 metrics.registry_revision.set(follower.revision);
                 let now = Instant::now();
                 for slot in slots.iter_mut() {
+                    slot.observe(&batch, &follower.registry, now, metrics);
                     slot.changed(&batch.keys, now);
                 }
+                show_holds(slots, metrics, now);
             }
         }
     }
@@ -386,6 +496,8 @@ async fn reload_config(
             templates = new_slots.len(),
             "configuration and templates reloaded"
         );
+        let mut new_slots = new_slots;
+        carry_holds(slots, &mut new_slots);
         *slots = new_slots;
         return None;
     }
@@ -434,15 +546,14 @@ async fn reload_config(
 /// each distinct reload once.
 async fn render_cycle(
     slots: &mut [Slot],
-    due: &[usize],
-    view: &View,
+    views: &BTreeMap<usize, View>,
     options: Options,
     metrics: &RenderMetrics,
 ) -> Cycle {
     let mut cycle = Cycle::default();
     // reload argv → the templates written in this cycle that use it.
     let mut reloads: BTreeMap<Vec<String>, Vec<(usize, write::Previous)>> = BTreeMap::new();
-    for &i in due {
+    for (&i, view) in views {
         let slot = &mut slots[i];
         slot.dirty_since = None;
         metrics.renders.inc();
@@ -472,22 +583,22 @@ async fn render_cycle(
                 slot.spec.destination.display(),
                 listed.len()
             );
-            if !slot.held {
+            if !slot.refused {
                 tracing::warn!(revision = view.revision, "{why}");
             }
-            slot.held = true;
+            slot.refused = true;
             metrics.min_hosts_refusals.inc();
             cycle.failed.push(why);
             continue;
         }
-        if slot.held {
+        if slot.refused {
             tracing::info!(
                 revision = view.revision,
                 "{} lists {} hosts again, no fewer than min_hosts; rendering it",
                 slot.spec.destination.display(),
                 listed.len()
             );
-            slot.held = false;
+            slot.refused = false;
         }
         if options.dry_run {
             use std::io::Write;

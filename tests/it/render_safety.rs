@@ -665,7 +665,10 @@ async fn errors_name_the_attribute_output_is_bounded_and_min_hosts_counts_what_i
     })
     .await;
     let text = crate::support::etcd::http_get(&format!("http://127.0.0.1:{metrics}/metrics")).await;
-    assert!(text.contains("registrar_render_held_templates 0"), "{text}");
+    assert!(
+        text.contains("registrar_render_min_hosts_refusing_templates 0"),
+        "{text}"
+    );
 }
 
 /// The shipped template: valid for haproxy, no default backend chosen by
