@@ -199,6 +199,8 @@ async fn follow(
                 hold::log(&events, "dns");
                 metrics.holds.record(&holds, &events, tokio::time::Instant::now());
                 touched.extend(batch.changes.into_iter().map(|(id, _, _)| id));
+                // A hold may put back a host an earlier batch removed.
+                touched.extend(events.iter().flat_map(hold::Event::hosts).cloned());
             }
             _ = tokio::time::sleep_until(release.unwrap_or_else(tokio::time::Instant::now)), if release.is_some() => {
                 let (ended, events) = holds.expire(tokio::time::Instant::now());

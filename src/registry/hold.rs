@@ -134,6 +134,20 @@ pub struct Holds {
 /// One host's change in a batch: its state before and after.
 pub type Change<'a> = (&'a HostId, Option<&'a HostView>, Option<&'a HostView>);
 
+impl Event {
+    /// The hosts whose shown state this event changes: a hold puts back
+    /// hosts that may have been applied already, a release removes them.
+    pub fn hosts(&self) -> impl Iterator<Item = &HostId> {
+        let (a, b): (&[HostId], &[HostId]) = match self {
+            Event::Started { hosts, .. } => (hosts, &[]),
+            Event::Released {
+                returned, applied, ..
+            } => (returned, applied),
+        };
+        a.iter().chain(b)
+    }
+}
+
 impl Holds {
     pub fn new(settings: FailStatic) -> Holds {
         Holds {

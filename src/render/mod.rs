@@ -120,7 +120,14 @@ impl Slot {
     }
 
     /// Takes in one batch for fail static, and says what it decided.
-    fn observe(&mut self, batch: &Batch, live: &Registry, now: Instant, metrics: &RenderMetrics) {
+    fn observe(
+        &mut self,
+        batch: &Batch,
+        live: &Registry,
+        prefix: &str,
+        now: Instant,
+        metrics: &RenderMetrics,
+    ) {
         let events = self.holds.observe(
             now,
             batch
@@ -135,16 +142,20 @@ impl Slot {
             },
         );
         self.said(&events, metrics);
+        // A hold may put back a host an earlier render left out.
+        let keys: Vec<String> = events
+            .iter()
+            .flat_map(hold::Event::hosts)
+            .map(|id| ip_key(prefix, id))
+            .collect();
+        self.changed(&keys, now);
     }
 
     /// Ends the holds whose settle passed: their removal is a change.
     fn expire(&mut self, prefix: &str, now: Instant, metrics: &RenderMetrics) {
         let (ended, events) = self.holds.expire(now);
         self.said(&events, metrics);
-        let keys: Vec<String> = ended
-            .iter()
-            .map(|id| format!("{prefix}/{}/{}/{}/ip", id.dc, id.role, id.host))
-            .collect();
+        let keys: Vec<String> = ended.iter().map(|id| ip_key(prefix, id)).collect();
         self.changed(&keys, now);
     }
 
@@ -186,6 +197,12 @@ const NO_TEMPLATES: &str =
 
 /// Every template of `config`, loaded and parsed: all of them, or the
 /// first problem.
+/// The `ip` key of a host: a key under everything a template that reads
+/// the host looked at.
+fn ip_key(prefix: &str, id: &HostId) -> String {
+    format!("{prefix}/{}/{}/{}/ip", id.dc, id.role, id.host)
+}
+
 /// Keeps the holds of templates whose destination and `fail_static` a
 /// reload left as they were: a SIGHUP must not drop a hold.
 fn carry_holds(old: &mut [Slot], new: &mut [Slot]) {
@@ -454,7 +471,7 @@ async fn follow(
                 metrics.registry_revision.set(follower.revision);
                 let now = Instant::now();
                 for slot in slots.iter_mut() {
-                    slot.observe(&batch, &follower.registry, now, metrics);
+                    slot.observe(&batch, &follower.registry, &prefix, now, metrics);
                     slot.changed(&batch.keys, now);
                 }
                 show_holds(slots, metrics, now);

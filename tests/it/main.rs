@@ -9,6 +9,7 @@ mod consumers;
 mod deploy;
 mod dns;
 mod etcd_errors;
+mod fail_static;
 mod faults;
 mod lease_session;
 mod one_shot;
