@@ -447,6 +447,7 @@ async fn follow(
         tokio::select! {
             _ = cancel.cancelled() => return Ok(Exit::Done),
             _ = watchdog.tick() => {
+                show_holds(slots, metrics, Instant::now());
                 if *ready {
                     crate::telemetry::notify_watchdog();
                 }

@@ -339,6 +339,13 @@ async fn exported_metrics_pass_promtool_and_the_alert_rules_fire_on_them() {
         input.push((s, format!("{v}x70")));
     }
 
+    // dns holds hosts without a break: held for 60 s more each minute.
+    let dns_job = "registrar-dns";
+    let (s, settle) = series(&dns, "registrar_dns_settle_seconds", "", dns_job, "d");
+    input.push((s, format!("{settle}x70")));
+    let (s, held) = series(&dns, "registrar_dns_holding_seconds", "", dns_job, "d");
+    input.push((s, format!("{held}+60x70")));
+
     let a_labels = |severity| {
         BTreeMap::from([
             ("job", "registrar"),
@@ -381,6 +388,16 @@ async fn exported_metrics_pass_promtool_and_the_alert_rules_fire_on_them() {
             ])],
         ),
         expect("5m", "RegistrarRenderFailing", &[]),
+        expect("1m", "RegistrarConsumerHolding", &[]),
+        expect(
+            "4m",
+            "RegistrarConsumerHolding",
+            &[BTreeMap::from([
+                ("job", dns_job),
+                ("instance", "d"),
+                ("severity", "warning"),
+            ])],
+        ),
     ];
     let input: Vec<serde_yaml::Value> = input
         .into_iter()
