@@ -1,9 +1,20 @@
 //! The soak: N agents against a 3-member cluster while random faults are
-//! injected for M minutes. Not part of the normal run (`#[ignore]`); run it
-//! with `scripts/soak`. Invariants, checked on an independent watcher's
-//! history: every gap is explained by an injected fault longer than the TTL
-//! (or a deliberate agent restart), no host ever overwrites another, and at
-//! the end every host is registered.
+//! injected for M minutes, with `render` (its output checked by `haproxy
+//! -c`), `dns` and `watch` following the registry. Not part of the normal
+//! run (`#[ignore]`); run it with `scripts/soak`. Invariants, checked on
+//! independent watchers' history:
+//! - every gap (a host's keys deleted) is explained: by an injected fault
+//!   that removes keys (a partition longer than the TTL, a graceful agent
+//!   restart, a wipe of the prefix), or by etcd itself, when its own log
+//!   shows a member that was paused revoking leases when it resumed (etcd
+//!   issues 12528/15247, fixed in 3.5.13 and 3.4.31);
+//! - no host ever overwrites another;
+//! - no file render checked and no DNS answer ever lists fewer hosts than
+//!   the agents minus those whose keys were gone for such an explained
+//!   reason (fail static holds the rest: wipes, a replaced cluster);
+//! - after a wipe or a replaced cluster, render and dns are back in step
+//!   with the registry within `settle` + 5 s, and at the end every host is
+//!   registered and every consumer shows all of them.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -33,6 +44,10 @@ enum Fault {
     },
     Partition(Vec<usize>),
     RestartAgent(usize),
+    /// `etcdctl del --prefix` of the registry.
+    Wipe,
+    /// Every member's data lost: a new cluster on the same addresses.
+    Replace,
 }
 
 #[derive(Debug, Clone)]
@@ -92,9 +107,15 @@ async fn soak() {
             | 1,
     );
     let ttl_d = Duration::from_secs(ttl);
-    // SOAK_FAULTS=kill,pause,partition,restart (default: all).
-    let kinds: String = env_or("SOAK_FAULTS", "kill,pause,partition,restart".to_string());
-    let allowed: Vec<u64> = ["kill", "pause", "partition", "restart"]
+    // fail_static.settle of the consumers.
+    let settle_s: u64 = env_or("SOAK_SETTLE", 15);
+    let settle_d = Duration::from_secs(settle_s);
+    // SOAK_FAULTS=kill,pause,partition,restart,wipe,replace (default: all).
+    let kinds: String = env_or(
+        "SOAK_FAULTS",
+        "kill,pause,partition,restart,wipe,replace".to_string(),
+    );
+    let allowed: Vec<u64> = ["kill", "pause", "partition", "restart", "wipe", "replace"]
         .iter()
         .enumerate()
         .filter(|(_, k)| kinds.split(',').any(|w| w.trim() == **k))
@@ -151,14 +172,30 @@ async fn soak() {
         "soak: all {agents} registered after {:?}",
         started.elapsed()
     );
+    let consumers = Consumers::start(&cluster.endpoint_list(), settle_s).await;
+    consumers.converged(agents, Duration::from_secs(30)).await;
+    eprintln!("soak: render, dns and watch show all {agents} hosts");
+    let mut not_converged: Vec<String> = Vec::new();
 
     let deadline = Instant::now() + Duration::from_secs_f64(minutes * 60.0);
     let mut injected: Vec<Injected> = Vec::new();
     while Instant::now() < deadline {
         tokio::time::sleep(rng.between(Duration::from_secs(2), Duration::from_secs(8))).await;
         let hold = rng.between(Duration::from_millis(500), ttl_d * 2);
+        // The four classic faults alone draw as before, so an old seed
+        // replays its run; with wipes and replaced clusters allowed, each
+        // of those is a quarter as likely as each classic fault.
+        let classic_only = allowed.iter().all(|k| *k < 4);
         let kind = loop {
-            let k = rng.below(4);
+            let k = if classic_only {
+                rng.below(4)
+            } else {
+                match rng.below(18) {
+                    w @ 0..16 => w / 4,
+                    16 => 4,
+                    _ => 5,
+                }
+            };
             if allowed.contains(&k) {
                 break k;
             }
@@ -174,7 +211,9 @@ async fn soak() {
                 let k = 1 + rng.below(5) as usize;
                 Fault::Partition((0..k).map(|_| rng.below(agents as u64) as usize).collect())
             }
-            _ => Fault::RestartAgent(rng.below(agents as u64) as usize),
+            3 => Fault::RestartAgent(rng.below(agents as u64) as usize),
+            4 => Fault::Wipe,
+            _ => Fault::Replace,
         };
         let start = Instant::now();
         match &fault {
@@ -204,12 +243,34 @@ async fn soak() {
                 let eps = proxy::endpoint_list(&h.proxies);
                 h.agent = spawn_agent(&eps, &h.name, &h.machine_id, ttl);
             }
+            Fault::Wipe => {
+                let mut c = cluster.client().await;
+                let _ = c
+                    .delete(
+                        "/infrastructure/soak/",
+                        Some(etcd_client::DeleteOptions::new().with_prefix()),
+                    )
+                    .await;
+            }
+            Fault::Replace => cluster.wipe_all_and_restart().await,
         }
-        injected.push(Injected {
-            fault,
-            start,
-            end: Instant::now(),
-        });
+        let end = Instant::now();
+        let big = matches!(fault, Fault::Wipe | Fault::Replace);
+        injected.push(Injected { fault, start, end });
+        if big {
+            // The consumers follow the registry again within settle + 5 s.
+            let c = cluster.client().await;
+            if let Err(why) = consumers
+                .follow_registry(&c, agents, settle_d + Duration::from_secs(5))
+                .await
+            {
+                not_converged.push(format!(
+                    "+{:?} after {:?}: {why}",
+                    end.duration_since(started),
+                    injected.last().map(|i| &i.fault)
+                ));
+            }
+        }
     }
     let faults_over = Instant::now();
     let mut missing = all_registered(c.clone(), names.clone()).await;
@@ -223,9 +284,14 @@ async fn soak() {
     let events = merged(&watchers);
     let host_of = |key: &str| key.split('/').nth(4).unwrap_or("").to_string();
     let index_of = |name: &str| names.iter().position(|n| n == name);
+    let logs: Vec<Vec<(std::time::SystemTime, String)>> =
+        (0..3).map(|i| timed_lines(&cluster.log_of(i))).collect();
     let judge = Judge {
         ttl: ttl_d,
         injected: &injected,
+        logs: &logs,
+        started,
+        wall_start,
     };
     let mut gaps = Vec::new();
     let mut clobbers = Vec::new();
@@ -265,6 +331,50 @@ async fn soak() {
             )
         })
         .collect();
+    // The consumers: nothing short of the agents, but for hosts whose keys
+    // were gone for a reason they may apply.
+    let end_of_run = Instant::now();
+    let discount: Vec<(Instant, Instant, &str)> = gaps
+        .iter()
+        .filter(|g| g.cause.may_leave_outputs())
+        .map(|g| {
+            (
+                g.deleted - Duration::from_secs(1),
+                g.back.unwrap_or(end_of_run) + Duration::from_secs(5),
+                g.host.as_str(),
+            )
+        })
+        .collect();
+    let floor = |t: Instant| {
+        let gone: std::collections::BTreeSet<&str> = discount
+            .iter()
+            .filter(|(a, b, _)| *a <= t && t <= *b)
+            .map(|(_, _, h)| *h)
+            .collect();
+        agents - gone.len()
+    };
+    let rendered = consumers.checked(wall_start, started);
+    let answered = consumers.answers();
+    let short = |what: &str, samples: &[(Instant, usize)]| -> Vec<String> {
+        samples
+            .iter()
+            .filter(|(t, n)| *n < floor(*t))
+            .map(|(t, n)| {
+                format!(
+                    "{what} listed {n} hosts at +{:?}, fewer than {}: {}",
+                    t.duration_since(started),
+                    floor(*t),
+                    judge.context(*t)
+                )
+            })
+            .collect()
+    };
+    let short_render = short("render's checked file", &rendered);
+    let short_dns = short("a DNS answer", &answered);
+    let final_state = consumers
+        .follow_registry(&c, agents, settle_d + Duration::from_secs(5))
+        .await;
+    let watched = consumers.watched_up();
     let of = |c: fn(&Cause) -> bool| gaps.iter().filter(|g| c(&g.cause)).count();
     let mut lengths: Vec<Duration> = gaps.iter().filter_map(Gap::length).collect();
     lengths.sort();
@@ -298,6 +408,14 @@ async fn soak() {
         "| graceful agent restarts | {} |",
         count(|f| matches!(f, Fault::RestartAgent(_)))
     );
+    println!(
+        "| wipes of the prefix (etcdctl del --prefix) | {} |",
+        count(|f| matches!(f, Fault::Wipe))
+    );
+    println!(
+        "| replaced clusters (every member's data lost) | {} |",
+        count(|f| matches!(f, Fault::Replace))
+    );
     println!("| watch events | {} |", events.len());
     println!("| gaps (a host's keys deleted) | {} |", gaps.len());
     println!(
@@ -309,8 +427,18 @@ async fn soak() {
         of(|c| matches!(c, Cause::Restart(_)))
     );
     println!(
-        "| explained: a leader paused past the keep-alive margin revoked leases when it resumed (etcd issues 12528/15247, fixed upstream by etcd PR 16822) | {} |",
+        "| explained: wipe of the prefix | {} |",
+        of(|c| matches!(c, Cause::Wipe(_)))
+    );
+    println!(
+        "| explained by etcd: a member paused past the keep-alive margin revoked leases when it resumed, per its own log (etcd issues 12528/15247, fixed in 3.5.13 and 3.4.31) | {} |",
         of(|c| matches!(c, Cause::StaleLeader(_)))
+    );
+    println!(
+        "| of which the paused member led when its pause began | {} |",
+        gaps.iter()
+            .filter(|g| matches!(g.cause, Cause::StaleLeader(i) if matches!(injected[i].fault, Fault::PauseMember { leader: true, .. })))
+            .count()
     );
     println!("| unexplained gaps | {} |", unexplained.len());
     println!(
@@ -334,6 +462,30 @@ async fn soak() {
         agents - missing.len(),
         agents,
         settle
+    );
+    println!(
+        "| render: files checked by haproxy -c / listing fewer hosts than the live agents that had not left | {} / {} |",
+        rendered.len(),
+        short_render.len()
+    );
+    println!(
+        "| dns: answers (every 100 ms) / listing fewer hosts than the live agents that had not left | {} / {} |",
+        answered.len(),
+        short_dns.len()
+    );
+    println!(
+        "| render and dns back in step with the registry within settle ({settle_s}s) + 5 s after each wipe and replace | {} of {} |",
+        count(|f| matches!(f, Fault::Wipe | Fault::Replace)) - not_converged.len(),
+        count(|f| matches!(f, Fault::Wipe | Fault::Replace))
+    );
+    println!(
+        "| at the end: render and dns in step / watch shows every host up | {} / {} |",
+        if final_state.is_ok() { "yes" } else { "no" },
+        if watched.len() == agents {
+            "yes".to_string()
+        } else {
+            format!("no ({} of {agents})", watched.len())
+        }
     );
     if let Some(first) = gaps.iter().find(|g| matches!(g.cause, Cause::Unexplained)) {
         // What etcd said around the first unexplained gap: elections, stalls.
@@ -365,6 +517,21 @@ async fn soak() {
         }
     }
     assert!(unexplained.is_empty(), "unexplained gaps: {unexplained:#?}");
+    assert!(
+        short_render.is_empty(),
+        "render went short: {short_render:#?}"
+    );
+    assert!(
+        short_dns.is_empty(),
+        "dns went short: {:#?}",
+        &short_dns[..short_dns.len().min(20)]
+    );
+    assert!(
+        not_converged.is_empty(),
+        "consumers did not converge: {not_converged:#?}"
+    );
+    assert!(final_state.is_ok(), "at the end: {final_state:?}");
+    assert_eq!(watched.len(), agents, "watch at the end shows {watched:?}");
     assert!(clobbers.is_empty(), "clobbers: {clobbers:#?}");
     assert!(missing.is_empty(), "not registered at the end: {missing:?}");
 }
@@ -372,10 +539,11 @@ async fn soak() {
 /// Every event any watcher saw, once, in revision order, timed by the
 /// watcher that saw it first.
 fn merged(watchers: &[Watcher]) -> Vec<crate::support::watcher::Seen> {
-    let mut first: BTreeMap<(i64, String), crate::support::watcher::Seen> = BTreeMap::new();
+    type Key = (u32, i64, String);
+    let mut first: BTreeMap<Key, crate::support::watcher::Seen> = BTreeMap::new();
     for e in watchers.iter().flat_map(Watcher::events) {
         let slot = first
-            .entry((e.revision, e.key.clone()))
+            .entry((e.epoch, e.revision, e.key.clone()))
             .or_insert_with(|| e.clone());
         if e.at < slot.at {
             slot.at = e.at;
@@ -390,7 +558,19 @@ enum Cause {
     Partition(usize),
     Restart(usize),
     StaleLeader(usize),
+    Wipe(usize),
     Unexplained,
+}
+
+impl Cause {
+    /// A removal the consumers may apply: the host's keys were gone for a
+    /// reason other than a registry accident they must hold against.
+    fn may_leave_outputs(&self) -> bool {
+        matches!(
+            self,
+            Cause::Partition(_) | Cause::Restart(_) | Cause::StaleLeader(_)
+        )
+    }
 }
 
 struct Gap {
@@ -407,7 +587,9 @@ impl Gap {
 
     fn recovery(&self, injected: &[Injected]) -> Option<Duration> {
         let fault_end = match self.cause {
-            Cause::Partition(i) | Cause::Restart(i) | Cause::StaleLeader(i) => injected[i].end,
+            Cause::Partition(i) | Cause::Restart(i) | Cause::StaleLeader(i) | Cause::Wipe(i) => {
+                injected[i].end
+            }
             Cause::Unexplained => self.deleted,
         };
         self.back
@@ -423,6 +605,24 @@ const STALE_REVOKE_WINDOW: Duration = Duration::from_secs(6);
 struct Judge<'a> {
     ttl: Duration,
     injected: &'a [Injected],
+    /// Each member's log lines with their times.
+    logs: &'a [Vec<(std::time::SystemTime, String)>],
+    started: Instant,
+    wall_start: std::time::SystemTime,
+}
+
+/// A log's lines with their `ts`, for those that have one.
+fn timed_lines(log: &str) -> Vec<(std::time::SystemTime, String)> {
+    log.lines()
+        .filter_map(|l| {
+            let ts = l
+                .split("\"ts\":\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())?;
+            Some((ts, l.to_string()))
+        })
+        .collect()
 }
 
 impl Judge<'_> {
@@ -451,6 +651,11 @@ impl Judge<'_> {
         }) {
             return Cause::Restart(i);
         }
+        if let Some(i) =
+            found(&|f| matches!(f.fault, Fault::Wipe) && at >= f.start && at <= f.end + slack)
+        {
+            return Cause::Wipe(i);
+        }
         // etcd issues 12528 and 15247 (fixed upstream by PR 16822, which
         // Debian's 3.4.23 predates): a
         // leader that was stopped longer than a lease's remaining TTL still
@@ -459,15 +664,35 @@ impl Judge<'_> {
         // commits them although it kept the leases alive. Keep-alives come
         // every TTL/3, so a pause over 2/3 of the TTL is enough. The revokes
         // land right after the resume or up to a request timeout later.
-        if let Some(i) = found(&|f| {
-            matches!(f.fault, Fault::PauseMember { leader: true, .. })
-                && f.end - f.start >= self.ttl.mul_f64(0.6)
-                && at >= f.end
-                && at <= f.end + STALE_REVOKE_WINDOW + slack
+        //
+        // Judged by etcd's own evidence, not by who led when the pause
+        // began (leadership may move to the paused member, or the soak's
+        // view of it may be stale): the paused member's log shows it
+        // revoking leases between its resume and the gap.
+        if let Some(i) = found(&|f| match f.fault {
+            Fault::PauseMember { member, .. } => {
+                f.end - f.start >= self.ttl.mul_f64(0.6)
+                    && at >= f.end
+                    && at <= f.end + STALE_REVOKE_WINDOW + slack
+                    && self.revoked(member, f.end, at + slack)
+            }
+            _ => false,
         }) {
             return Cause::StaleLeader(i);
         }
         Cause::Unexplained
+    }
+
+    /// Whether member `m`'s log shows it revoking leases between `from`
+    /// and `to` (1 s of clock slack before `from`).
+    fn revoked(&self, m: usize, from: Instant, to: Instant) -> bool {
+        let wall = |t: Instant| self.wall_start + t.saturating_duration_since(self.started);
+        let (from, to) = (wall(from) - Duration::from_secs(1), wall(to));
+        self.logs.get(m).is_some_and(|lines| {
+            lines
+                .iter()
+                .any(|(ts, l)| *ts >= from && *ts <= to && l.contains("revoke"))
+        })
     }
 
     /// The faults in the 20 s before `at`, for a report.
@@ -486,5 +711,225 @@ impl Judge<'_> {
             })
             .collect::<Vec<_>>()
             .join("; ")
+    }
+}
+
+/// render, dns and watch following the soak's registry.
+struct Consumers {
+    dir: tempfile::TempDir,
+    _render: Agent,
+    _dns: Agent,
+    watch: tokio::process::Child,
+    dns_port: u16,
+    /// DNS answers every 100 ms: (when, A records of the role).
+    answers: std::sync::Arc<std::sync::Mutex<Vec<(Instant, usize)>>>,
+    probe: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Consumers {
+    fn drop(&mut self) {
+        self.probe.abort();
+        let _ = self.watch.start_kill();
+    }
+}
+
+const SOAK_TEMPLATE: &str = "global\n    maxconn 100\n\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 1s\n    timeout server 1s\n\nfrontend www\n    bind 127.0.0.1:PORT\n    default_backend web\n\nbackend web\n{% for h in hosts(\"soak/web\", healthy=true) %}    server {{ h.host }} {{ h.ip }}:80\n{% endfor %}";
+
+/// The role's A records in one answer (EDNS, so 50 fit), or `None`.
+async fn role_answers(port: u16) -> Option<usize> {
+    use hickory_server::proto::op::{Edns, Message, Query};
+    use hickory_server::proto::rr::{Name, RecordType};
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    s.connect(("127.0.0.1", port)).await.ok()?;
+    let mut m = Message::query();
+    m.metadata.id = rand::random();
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    m.set_edns(edns);
+    m.add_query(Query::query(
+        Name::from_ascii("web.soak.registry.internal.").ok()?,
+        RecordType::A,
+    ));
+    s.send(&m.to_vec().ok()?).await.ok()?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_millis(500), s.recv(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let answer = Message::from_vec(&buf[..n]).ok()?;
+    Some(answer.answers.len())
+}
+
+impl Consumers {
+    async fn start(eps: &str, settle_s: u64) -> Consumers {
+        let dir = tempfile::tempdir().expect("consumers' dir");
+        let p = |n: &str| dir.path().join(n);
+        // haproxy -c binds nothing, but wants a port.
+        let port = crate::support::free_port().to_string();
+        std::fs::write(p("t.j2"), SOAK_TEMPLATE.replace("PORT", &port)).unwrap();
+        std::fs::write(
+            p("render.yaml"),
+            format!(
+                "endpoints: [{eps}]\nfail_static: {{settle: {settle_s}s}}\ntemplates:\n  - source: {}\n    destination: {}\n    check: [sh, -c, 'echo \"$(date +%s%N) $(grep -c \"^    server \" \"$0\")\" >> {}; exec haproxy -c -q -f \"$0\"', '{{{{src}}}}']\n    wait: {{min: 200ms}}\n",
+                p("t.j2").display(),
+                p("haproxy.cfg").display(),
+                p("checked.log").display(),
+            ),
+        )
+        .unwrap();
+        let render = Agent::spawn(
+            "render",
+            &[
+                "render".to_string(),
+                "--config".into(),
+                p("render.yaml").to_string_lossy().into_owned(),
+            ],
+        );
+        let dns_port = crate::support::free_port();
+        std::fs::write(
+            p("dns.yaml"),
+            format!("endpoints: [{eps}]\nfail_static: {{settle: {settle_s}s}}\n"),
+        )
+        .unwrap();
+        let dns = Agent::spawn(
+            "dns",
+            &[
+                "dns".to_string(),
+                "--config".into(),
+                p("dns.yaml").to_string_lossy().into_owned(),
+                "--listen".into(),
+                format!("127.0.0.1:{dns_port}"),
+            ],
+        );
+        let watch = crate::support::proc::registrar()
+            .args(["watch", "soak", "-o", "json", "--endpoints", eps])
+            .stdout(std::fs::File::create(p("watch.jsonl")).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start registrar watch");
+        let answers: std::sync::Arc<std::sync::Mutex<Vec<(Instant, usize)>>> = Default::default();
+        let sink = answers.clone();
+        let probe = tokio::spawn(async move {
+            loop {
+                if let Some(n) = role_answers(dns_port).await {
+                    sink.lock().unwrap().push((Instant::now(), n));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Consumers {
+            dir,
+            _render: render,
+            _dns: dns,
+            watch,
+            dns_port,
+            answers,
+            probe,
+        }
+    }
+
+    fn servers(&self) -> usize {
+        std::fs::read_to_string(self.dir.path().join("haproxy.cfg"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("    server "))
+            .count()
+    }
+
+    /// Waits until the file and the answers list `n` hosts.
+    async fn converged(&self, n: usize, within: Duration) {
+        let port = self.dns_port;
+        crate::support::eventually(within, "render and dns to list every host", || {
+            let servers = self.servers();
+            async move {
+                let answers = role_answers(port).await;
+                if servers == n && answers == Some(n) {
+                    Ok(())
+                } else {
+                    Err(format!("{servers} servers, {answers:?} answers"))
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Waits until the file and the answers list what the registry holds.
+    async fn follow_registry(
+        &self,
+        c: &etcd_client::Client,
+        agents: usize,
+        within: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut c = c.clone();
+            let registered = c
+                .get(
+                    "/infrastructure/soak/web/",
+                    Some(etcd_client::GetOptions::new().with_prefix()),
+                )
+                .await
+                .map(|r| {
+                    r.kvs()
+                        .iter()
+                        .filter(|kv| kv.key().ends_with(b"/health") && kv.value() == b"passing")
+                        .count()
+                })
+                .unwrap_or(usize::MAX);
+            let servers = self.servers();
+            let answers = role_answers(self.dns_port).await;
+            if registered <= agents && servers == registered && answers == Some(registered) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "registry {registered}, render {servers}, dns {answers:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every file render checked: (when, servers).
+    fn checked(
+        &self,
+        wall_start: std::time::SystemTime,
+        started: Instant,
+    ) -> Vec<(Instant, usize)> {
+        let text = std::fs::read_to_string(self.dir.path().join("checked.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let (ns, n) = l.split_once(' ')?;
+                let at = std::time::UNIX_EPOCH + Duration::from_nanos(ns.parse().ok()?);
+                let since = at.duration_since(wall_start).ok()?;
+                Some((started + since, n.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn answers(&self) -> Vec<(Instant, usize)> {
+        self.answers.lock().unwrap().clone()
+    }
+
+    /// The hosts `watch` last showed up (present, up, or changed).
+    fn watched_up(&self) -> std::collections::BTreeSet<String> {
+        let text = std::fs::read_to_string(self.dir.path().join("watch.jsonl")).unwrap_or_default();
+        let mut up = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let host = v["host"].as_str().unwrap_or("").to_string();
+            match v["event"].as_str().unwrap_or("") {
+                "down" => {
+                    up.remove(&host);
+                }
+                "" => {}
+                _ => {
+                    up.insert(host);
+                }
+            }
+        }
+        up
     }
 }

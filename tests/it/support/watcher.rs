@@ -16,6 +16,9 @@ pub struct Seen {
     pub revision: i64,
     pub lease: i64,
     pub at: Instant,
+    /// How many times the history was reset (a replaced or restored
+    /// cluster) before this event: revisions start again in each epoch.
+    pub epoch: u32,
 }
 
 pub struct Watcher {
@@ -34,6 +37,7 @@ impl Watcher {
         let task = tokio::spawn(async move {
             let mut ready = Some(ready_tx);
             let mut next_rev = 0i64;
+            let mut epoch = 0u32;
             let mut i = 0usize;
             loop {
                 let ep = endpoints[i % endpoints.len()].clone();
@@ -53,6 +57,15 @@ impl Watcher {
                                 next_rev = h.revision() + 1;
                             }
                             let _ = tx.send(());
+                        } else if resp.created()
+                            && let Some(h) = resp.header()
+                            && h.revision() + 1 < next_rev
+                        {
+                            // The cluster was replaced or restored: its
+                            // history starts again. Watch from its present.
+                            epoch += 1;
+                            next_rev = h.revision() + 1;
+                            break;
                         }
                         for ev in resp.events() {
                             if let Some(kv) = ev.kv() {
@@ -64,6 +77,7 @@ impl Watcher {
                                     revision: kv.mod_revision(),
                                     lease: kv.lease(),
                                     at: Instant::now(),
+                                    epoch,
                                 });
                             }
                         }
