@@ -9,8 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{Client, DeleteOptions, GetOptions};
-use hickory_server::proto::op::{Message, Query};
-use hickory_server::proto::rr::{Name, RecordType};
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
@@ -140,6 +138,15 @@ impl Stage {
         .await;
     }
 
+    /// Sends `sig` to the agents at `which` (SIGSTOP, SIGCONT).
+    fn pause_agents(&self, which: &[usize], sig: Signal) {
+        for &i in which {
+            if let Some(a) = &self.agents[i] {
+                a.signal(sig);
+            }
+        }
+    }
+
     async fn client(&self) -> Client {
         self.cluster.client().await
     }
@@ -214,19 +221,7 @@ fn servers_in(text: &str) -> usize {
 
 /// The number of A records for the role, or `None` without an answer.
 async fn ask(port: u16) -> Option<usize> {
-    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;
-    s.connect(("127.0.0.1", port)).await.ok()?;
-    let mut m = Message::query();
-    m.metadata.id = rand::random();
-    m.add_query(Query::query(Name::from_ascii(ROLE).ok()?, RecordType::A));
-    s.send(&m.to_vec().ok()?).await.ok()?;
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_millis(500), s.recv(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let answer = Message::from_vec(&buf[..n]).ok()?;
-    Some(answer.answers.len())
+    crate::support::dns::a_records(port, ROLE).await
 }
 
 /// What the probe saw: (when, answers).
@@ -346,11 +341,14 @@ async fn a_wiped_prefix_with_live_agents_never_empties_the_file_or_the_answers()
 async fn a_replaced_cluster_and_a_restore_never_empty_the_file_or_the_answers() {
     let mut s = Stage::start("{settle: 30s}").await;
     // A replaced cluster: every member's data lost, the same addresses.
+    // The agents are stopped meanwhile, so that the consumers see the
+    // empty registry (they would often be back first).
     let before = s.staged().len();
     let probe = Probe::start(s.dns_port);
+    s.pause_agents(&[0, 1, 2], Signal::SIGSTOP);
     s.cluster.wipe_all_and_restart().await;
-    // The agents may be back before the consumers re-read: then nothing
-    // was lost and nothing is held. Either way nothing may go short.
+    s.logged("history was reset").await;
+    s.pause_agents(&[0, 1, 2], Signal::SIGCONT);
     rode_it_out(&s, &probe, before).await;
     drop(probe);
 
@@ -371,9 +369,24 @@ async fn a_replaced_cluster_and_a_restore_never_empty_the_file_or_the_answers() 
     let before = s.staged().len();
     let released = s.render.log().matches("hold released").count();
     let probe = Probe::start(s.dns_port);
+    // w3's agent is stopped during the restore, as above.
+    s.pause_agents(&[2], Signal::SIGSTOP);
+    let held = s.render.log().matches("history was reset").count();
     s.cluster.restore_all(&snap).await;
     // The restore lost w3: held, until its agent finds its lease gone and
     // registers again.
+    eventually(Duration::from_secs(30), "the restore's hold", || {
+        let n = s.render.log().matches("history was reset").count();
+        async move {
+            if n > held {
+                Ok(())
+            } else {
+                Err(format!("{n} holds"))
+            }
+        }
+    })
+    .await;
+    s.pause_agents(&[2], Signal::SIGCONT);
     eventually(Duration::from_secs(30), "the second release", || {
         let n = s.render.log().matches("hold released").count();
         async move {

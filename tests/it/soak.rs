@@ -735,29 +735,9 @@ impl Drop for Consumers {
 
 const SOAK_TEMPLATE: &str = "global\n    maxconn 100\n\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 1s\n    timeout server 1s\n\nfrontend www\n    bind 127.0.0.1:PORT\n    default_backend web\n\nbackend web\n{% for h in hosts(\"soak/web\", healthy=true) %}    server {{ h.host }} {{ h.ip }}:80\n{% endfor %}";
 
-/// The role's A records in one answer (EDNS, so 50 fit), or `None`.
+/// The role's A records in one answer, or `None`.
 async fn role_answers(port: u16) -> Option<usize> {
-    use hickory_server::proto::op::{Edns, Message, Query};
-    use hickory_server::proto::rr::{Name, RecordType};
-    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;
-    s.connect(("127.0.0.1", port)).await.ok()?;
-    let mut m = Message::query();
-    m.metadata.id = rand::random();
-    let mut edns = Edns::new();
-    edns.set_max_payload(1232);
-    m.set_edns(edns);
-    m.add_query(Query::query(
-        Name::from_ascii("web.soak.registry.internal.").ok()?,
-        RecordType::A,
-    ));
-    s.send(&m.to_vec().ok()?).await.ok()?;
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_millis(500), s.recv(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let answer = Message::from_vec(&buf[..n]).ok()?;
-    Some(answer.answers.len())
+    crate::support::dns::a_records(port, "web.soak.registry.internal.").await
 }
 
 impl Consumers {

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod etcd;
 pub mod proc;
 pub mod proxy;
