@@ -195,8 +195,6 @@ impl Slot {
 const NO_TEMPLATES: &str =
     "no templates: add a `templates:` list to the config file (see README \"Rendering configs\")";
 
-/// Every template of `config`, loaded and parsed: all of them, or the
-/// first problem.
 /// The `ip` key of a host: a key under everything a template that reads
 /// the host looked at.
 fn ip_key(prefix: &str, id: &HostId) -> String {
@@ -231,6 +229,8 @@ fn show_holds(slots: &[Slot], metrics: &RenderMetrics, now: Instant) {
         .set(slots.iter().filter(|s| !s.holds.held().is_empty()).count() as i64);
 }
 
+/// Every template of `config`, loaded and parsed: all of them, or the
+/// first problem.
 fn load_all(config: &Config) -> Result<Vec<Slot>, RenderError> {
     if config.templates.is_empty() {
         return Err(RenderError::Config(NO_TEMPLATES.into()));
