@@ -104,6 +104,8 @@ pub struct Held {
 #[derive(Debug)]
 struct Episode {
     reason: Reason,
+    /// The role of a drop hold: later hosts of it join this hold.
+    role: Option<(String, String)>,
     waiting: usize,
     returned: Vec<HostId>,
     applied: Vec<HostId>,
@@ -239,6 +241,16 @@ impl Holds {
                         .into_iter()
                         .filter(|(id, _)| !self.held.contains_key(id))
                         .collect();
+                    // The role is already held: these join that hold
+                    // quietly (one WARN per hold, not per host).
+                    if let Some((&episode, _)) = self
+                        .episodes
+                        .iter()
+                        .find(|(_, e)| e.role.as_ref() == Some(&role))
+                    {
+                        self.join(now, episode, hosts);
+                        continue;
+                    }
                     let why = format!(
                         "{gone} of {size} hosts of {}/{} vanished within {} without `leaving`, more than max_drop {}%",
                         role.0,
@@ -246,7 +258,11 @@ impl Holds {
                         humantime::format_duration(self.settings.settle),
                         (self.settings.max_drop * 100.0).round()
                     );
-                    self.hold(now, Reason::Drop, why, hosts, &mut events);
+                    if let Some(episode) = self.hold(now, Reason::Drop, why, hosts, &mut events)
+                        && let Some(e) = self.episodes.get_mut(&episode)
+                    {
+                        e.role = Some(role);
+                    }
                 }
             }
         }
@@ -281,9 +297,9 @@ impl Holds {
         why: String,
         hosts: Vec<(HostId, HostView)>,
         events: &mut Vec<Event>,
-    ) {
+    ) -> Option<u64> {
         if hosts.is_empty() {
-            return;
+            return None;
         }
         let episode = self.next_episode;
         self.next_episode += 1;
@@ -304,6 +320,7 @@ impl Holds {
             episode,
             Episode {
                 reason,
+                role: None,
                 waiting: ids.len(),
                 returned: Vec::new(),
                 applied: Vec::new(),
@@ -315,6 +332,27 @@ impl Holds {
             hosts: ids,
             settle: self.settings.settle,
         });
+        Some(episode)
+    }
+
+    /// Holds `hosts` as part of a running `episode`, each until `settle`
+    /// from now.
+    fn join(&mut self, now: Instant, episode: u64, hosts: Vec<(HostId, HostView)>) {
+        let until = now + self.settings.settle;
+        if let Some(e) = self.episodes.get_mut(&episode) {
+            e.waiting += hosts.len();
+        }
+        for (id, view) in hosts {
+            self.held.insert(
+                id,
+                Held {
+                    view,
+                    since: now,
+                    until,
+                    episode,
+                },
+            );
+        }
     }
 
     /// One host of `episode` is no longer held.
@@ -582,6 +620,36 @@ mod tests {
             matches!(&ev[..], [Event::Released { applied, returned, .. }] if applied.len() == 2 && returned.is_empty())
         );
         assert!(h.held().is_empty());
+    }
+
+    #[test]
+    fn later_hosts_of_a_held_role_join_its_hold_without_a_new_warning() {
+        let t0 = Instant::now();
+        let mut h = holds(0.5);
+        let ids: Vec<HostId> = (0..6).map(|i| id("web", &format!("h{i}"))).collect();
+        let mut started = 0;
+        for (i, one) in ids.iter().enumerate() {
+            let ev = remove(
+                &mut h,
+                t0,
+                std::slice::from_ref(one),
+                Health::Passing,
+                5 - i,
+                false,
+            );
+            started += ev
+                .iter()
+                .filter(|e| matches!(e, Event::Started { .. }))
+                .count();
+        }
+        assert_eq!(started, 1, "one WARN for the whole drop");
+        assert_eq!(h.held().len(), 6);
+        let (ended, ev) = h.expire(t0 + S);
+        assert_eq!(ended.len(), 6);
+        assert!(
+            matches!(&ev[..], [Event::Released { applied, .. }] if applied.len() == 6),
+            "{ev:?}"
+        );
     }
 
     #[test]
