@@ -303,29 +303,18 @@ impl Holds {
         }
         let episode = self.next_episode;
         self.next_episode += 1;
-        let until = now + self.settings.settle;
         let ids: Vec<HostId> = hosts.iter().map(|(id, _)| id.clone()).collect();
-        for (id, view) in hosts {
-            self.held.insert(
-                id,
-                Held {
-                    view,
-                    since: now,
-                    until,
-                    episode,
-                },
-            );
-        }
         self.episodes.insert(
             episode,
             Episode {
                 reason,
                 role: None,
-                waiting: ids.len(),
+                waiting: 0,
                 returned: Vec::new(),
                 applied: Vec::new(),
             },
         );
+        self.join(now, episode, hosts);
         events.push(Event::Started {
             reason,
             why,
@@ -335,8 +324,7 @@ impl Holds {
         Some(episode)
     }
 
-    /// Holds `hosts` as part of a running `episode`, each until `settle`
-    /// from now.
+    /// Holds `hosts` as part of `episode`, each until `settle` from now.
     fn join(&mut self, now: Instant, episode: u64, hosts: Vec<(HostId, HostView)>) {
         let until = now + self.settings.settle;
         if let Some(e) = self.episodes.get_mut(&episode) {
