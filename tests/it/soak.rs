@@ -5,9 +5,10 @@
 //! independent watchers' history:
 //! - every gap (a host's keys deleted) is explained: by an injected fault
 //!   that removes keys (a partition longer than the TTL, a graceful agent
-//!   restart, a wipe of the prefix), or by etcd itself, when its own log
-//!   shows a member that was paused revoking leases when it resumed (etcd
-//!   issues 12528/15247, fixed in 3.5.13 and 3.4.31);
+//!   restart, a wipe of the prefix), or by etcd itself, when a member that
+//!   was paused revoked leases after it resumed, per its own log or its
+//!   `etcd_debugging_server_lease_expired_total` (etcd issues 12528/15247;
+//!   the fix in 3.5.13 and 3.4.31 does not cover a paused process);
 //! - no host ever overwrites another;
 //! - no file render checked and no DNS answer ever lists fewer hosts than
 //!   the agents minus those whose keys were gone for such an explained
@@ -126,6 +127,7 @@ async fn soak() {
     let mut rng = Rng(seed);
 
     let mut cluster = Cluster::start(3).await;
+    let meter = RevokeMeter::start(cluster.endpoints());
     // One watcher per member: a paused member delays its own watchers'
     // events, so each event's time is the earliest any watcher saw it.
     let mut watchers = Vec::new();
@@ -286,10 +288,12 @@ async fn soak() {
     let index_of = |name: &str| names.iter().position(|n| n == name);
     let logs: Vec<Vec<(std::time::SystemTime, String)>> =
         (0..3).map(|i| timed_lines(&cluster.log_of(i))).collect();
+    let revokes = meter.stop();
     let judge = Judge {
         ttl: ttl_d,
         injected: &injected,
         logs: &logs,
+        revokes: &revokes,
         started,
         wall_start,
     };
@@ -431,8 +435,27 @@ async fn soak() {
         of(|c| matches!(c, Cause::Wipe(_)))
     );
     println!(
-        "| explained by etcd: a member paused past the keep-alive margin revoked leases when it resumed, per its own log (etcd issues 12528/15247, fixed in 3.5.13 and 3.4.31) | {} |",
+        "| explained by etcd: a member paused past the keep-alive margin revoked leases after it resumed, per its log or its lease_expired_total (etcd issues 12528/15247; the 3.5.13/3.4.31 fix does not cover a paused process) | {} |",
         of(|c| matches!(c, Cause::StaleLeader(_)))
+    );
+    println!(
+        "| leases revoked as expired by a member in the {:?} after its resume from a pause of at least 0.6 x TTL, per its metrics | {} |",
+        STALE_REVOKE_WINDOW + Duration::from_secs(3),
+        injected
+            .iter()
+            .filter_map(|f| match f.fault {
+                Fault::PauseMember { member, .. } if f.end - f.start >= ttl_d.mul_f64(0.6) =>
+                    Some((member, f.end)),
+                _ => None,
+            })
+            .map(|(member, end)| revokes
+                .iter()
+                .filter(|r| r.member == member
+                    && r.seen >= end
+                    && r.seen <= end + STALE_REVOKE_WINDOW + Duration::from_secs(3))
+                .map(|r| r.count)
+                .sum::<u64>())
+            .sum::<u64>()
     );
     println!(
         "| of which the paused member led when its pause began | {} |",
@@ -607,6 +630,8 @@ struct Judge<'a> {
     injected: &'a [Injected],
     /// Each member's log lines with their times.
     logs: &'a [Vec<(std::time::SystemTime, String)>],
+    /// Leases each member revoked as expired, from its metrics.
+    revokes: &'a [Revoked],
     started: Instant,
     wall_start: std::time::SystemTime,
 }
@@ -656,19 +681,21 @@ impl Judge<'_> {
         {
             return Cause::Wipe(i);
         }
-        // etcd issues 12528 and 15247 (fixed upstream by PR 16822, which
-        // Debian's 3.4.23 predates): a
-        // leader that was stopped longer than a lease's remaining TTL still
-        // believes it leads when it resumes, and proposes revoking every
-        // lease it thinks expired. The proposals reach the new leader, which
-        // commits them although it kept the leases alive. Keep-alives come
-        // every TTL/3, so a pause over 2/3 of the TTL is enough. The revokes
-        // land right after the resume or up to a request timeout later.
+        // etcd issues 12528 and 15247: a leader that was stopped longer
+        // than a lease's remaining TTL still believes it leads when it
+        // resumes, and proposes revoking every lease it thinks expired. Once
+        // it has stepped down, its proposals are forwarded to the new
+        // leader, which commits them although it kept the leases alive.
+        // Keep-alives come every TTL/3, so a pause over 2/3 of the TTL is
+        // enough. The revokes land right after the resume or up to a request
+        // timeout later. The fix in 3.5.13/3.4.31 checks leadership only
+        // when the member has not ticked for 3 ticks, and a resumed process
+        // ticks at once, so it does not cover a pause (SIGSTOP, a frozen VM).
         //
         // Judged by etcd's own evidence, not by who led when the pause
-        // began (leadership may move to the paused member, or the soak's
-        // view of it may be stale): the paused member's log shows it
-        // revoking leases between its resume and the gap.
+        // began: between its resume and the gap, the paused member's log
+        // shows it revoking leases (a revoke that timed out), or its count
+        // of leases it revoked as expired rose (one that committed).
         if let Some(i) = found(&|f| match f.fault {
             Fault::PauseMember { member, .. } => {
                 f.end - f.start >= self.ttl.mul_f64(0.6)
@@ -683,16 +710,23 @@ impl Judge<'_> {
         Cause::Unexplained
     }
 
-    /// Whether member `m`'s log shows it revoking leases between `from`
-    /// and `to` (1 s of clock slack before `from`).
+    /// Whether member `m` revoked leases between `from` and `to`: its log
+    /// says so (1 s of clock slack before `from`), or its metrics counted
+    /// leases it revoked as expired (sampled every 250 ms, so up to a
+    /// second after `to`).
     fn revoked(&self, m: usize, from: Instant, to: Instant) -> bool {
         let wall = |t: Instant| self.wall_start + t.saturating_duration_since(self.started);
-        let (from, to) = (wall(from) - Duration::from_secs(1), wall(to));
-        self.logs.get(m).is_some_and(|lines| {
+        let (wfrom, wto) = (wall(from) - Duration::from_secs(1), wall(to));
+        let logged = self.logs.get(m).is_some_and(|lines| {
             lines
                 .iter()
-                .any(|(ts, l)| *ts >= from && *ts <= to && l.contains("revoke"))
-        })
+                .any(|(ts, l)| *ts >= wfrom && *ts <= wto && l.contains("revoke"))
+        });
+        logged
+            || self
+                .revokes
+                .iter()
+                .any(|r| r.member == m && r.seen >= from && r.seen <= to + Duration::from_secs(1))
     }
 
     /// The faults in the 20 s before `at`, for a report.
@@ -711,6 +745,88 @@ impl Judge<'_> {
             })
             .collect::<Vec<_>>()
             .join("; ")
+    }
+}
+
+/// Leases a member revoked as expired, seen in its metrics.
+#[derive(Debug, Clone, Copy)]
+struct Revoked {
+    member: usize,
+    /// When the sample that showed them was taken.
+    seen: Instant,
+    count: u64,
+}
+
+/// Samples every member's `etcd_debugging_server_lease_expired_total`
+/// every 250 ms. etcd counts a lease there when a revoke it proposed for
+/// an expired lease was applied, so a rise on a member that has just
+/// resumed is that member revoking as a stale leader, even when nothing
+/// reached its log (only a revoke that fails is logged). A paused member
+/// does not answer; a restarted one counts from 0 again.
+struct RevokeMeter {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Revoked>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RevokeMeter {
+    fn start(endpoints: Vec<String>) -> RevokeMeter {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tasks = endpoints
+            .into_iter()
+            .enumerate()
+            .map(|(member, ep)| {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let url = format!("{ep}/metrics");
+                    let mut last: Option<u64> = None;
+                    let mut tick = tokio::time::interval(Duration::from_millis(250));
+                    loop {
+                        tick.tick().await;
+                        let Ok(Ok(text)) = tokio::time::timeout(
+                            Duration::from_millis(500),
+                            crate::support::etcd::try_http_get(&url),
+                        )
+                        .await
+                        else {
+                            continue;
+                        };
+                        let Some(now) = text
+                            .lines()
+                            .find(|l| l.starts_with("etcd_debugging_server_lease_expired_total "))
+                            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                            .map(|v| v as u64)
+                        else {
+                            continue;
+                        };
+                        // A drop is a restarted member counting afresh.
+                        let rose = match last {
+                            Some(before) if now >= before => now - before,
+                            Some(_) => now,
+                            None => 0,
+                        };
+                        last = Some(now);
+                        if rose > 0
+                            && let Ok(mut v) = seen.lock()
+                        {
+                            v.push(Revoked {
+                                member,
+                                seen: Instant::now(),
+                                count: rose,
+                            });
+                        }
+                    }
+                })
+            })
+            .collect();
+        RevokeMeter { seen, tasks }
+    }
+
+    /// Stops sampling; what was seen, in time order.
+    fn stop(self) -> Vec<Revoked> {
+        self.tasks.iter().for_each(|t| t.abort());
+        let mut v = self.seen.lock().map(|v| v.clone()).unwrap_or_default();
+        v.sort_by_key(|r| r.seen);
+        v
     }
 }
 
