@@ -5,7 +5,8 @@
 //!
 //! Flags: `--window SECS` (steady-state measurement window, default 60),
 //! `--runs N` (one-shot runs, default 25), `--swarm 1000,5000,10000`,
-//! `--only oneshot,steady,swarm,render,dns`, `--render 1000,10000`, `--dns 1000,10000`,
+//! `--only oneshot,steady,swarm,render,haproxy,dns`, `--render 1000,10000`,
+//! `--haproxy 1000`, `--dns 1000,10000`,
 //! `--spread` (swarm hosts spread over all members instead of all on the leader).
 
 #[path = "../tests/it/support/mod.rs"]
@@ -14,6 +15,9 @@ mod support;
 
 #[path = "registrar/dns.rs"]
 mod dns;
+
+#[path = "registrar/haproxy.rs"]
+mod haproxy;
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -36,7 +40,7 @@ struct Args {
     window: Duration,
     runs: usize,
     swarm: Vec<usize>,
-    /// Parts to run: oneshot, steady, swarm, render (default all).
+    /// Parts to run: oneshot, steady, swarm, render, haproxy, dns (default all).
     only: Vec<String>,
     /// Spread the swarm's hosts over all members (default: all on the leader).
     spread: bool,
@@ -44,6 +48,8 @@ struct Args {
     render: Vec<usize>,
     /// Registry sizes for the dns part.
     dns: Vec<usize>,
+    /// Server counts for the haproxy part.
+    haproxy: Vec<usize>,
 }
 
 fn args() -> Args {
@@ -56,11 +62,13 @@ fn args() -> Args {
             "steady".into(),
             "swarm".into(),
             "render".into(),
+            "haproxy".into(),
             "dns".into(),
         ],
         spread: false,
         render: vec![1000, 10000],
         dns: vec![1000, 10000],
+        haproxy: vec![1000],
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -72,6 +80,7 @@ fn args() -> Args {
             "--swarm" => a.swarm = next.split(',').filter_map(|n| n.parse().ok()).collect(),
             "--render" => a.render = next.split(',').filter_map(|n| n.parse().ok()).collect(),
             "--dns" => a.dns = next.split(',').filter_map(|n| n.parse().ok()).collect(),
+            "--haproxy" => a.haproxy = next.split(',').filter_map(|n| n.parse().ok()).collect(),
             "--only" => a.only = next.split(',').map(String::from).collect(),
             "--spread" => {
                 a.spread = true;
@@ -874,6 +883,11 @@ fn main() {
     if part("render") {
         for n in a.render.clone() {
             print(rt.block_on(render_bench(n)));
+        }
+    }
+    if part("haproxy") {
+        for n in a.haproxy.clone() {
+            print(rt.block_on(haproxy::haproxy_bench(n)));
         }
     }
     if part("dns") {

@@ -505,6 +505,15 @@ pub struct RenderMetrics {
     pub refusing: Gauge,
     /// Fail static: hosts held in the templates' output.
     pub holds: HoldMetrics,
+    /// Reload commands run.
+    pub reloads: Counter,
+    /// Server changes applied through haproxy's runtime API.
+    pub runtime_changes: Counter,
+    /// Written files haproxy took through its runtime API, without a reload.
+    pub reloads_avoided: Counter,
+    /// Written files of a template with `haproxy:` that needed a reload,
+    /// by reason.
+    pub runtime_fallbacks: Family<ReasonLabels, Counter>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -529,10 +538,25 @@ impl RenderMetrics {
             registry_revision: Gauge::default(),
             refusing: Gauge::default(),
             holds: HoldMetrics::default(),
+            reloads: Counter::default(),
+            runtime_changes: Counter::default(),
+            reloads_avoided: Counter::default(),
+            runtime_fallbacks: Family::default(),
             ready: Arc::default(),
         };
         for (name, help, c) in [
             ("renders", "Templates rendered", &m.renders),
+            ("reloads", "Reload commands run", &m.reloads),
+            (
+                "runtime_changes",
+                "Server changes applied through haproxy's runtime API",
+                &m.runtime_changes,
+            ),
+            (
+                "reloads_avoided",
+                "Written files haproxy took through its runtime API instead of a reload",
+                &m.reloads_avoided,
+            ),
             (
                 "writes",
                 "Files written (their content, mode or owner changed)",
@@ -575,6 +599,11 @@ impl RenderMetrics {
             "min_hosts_refusing_templates",
             "Templates whose last render was refused by min_hosts; their previous file stays",
             m.refusing.clone(),
+        );
+        registry.register(
+            "runtime_fallbacks",
+            "Written files of a template with haproxy: that needed a reload, by reason",
+            m.runtime_fallbacks.clone(),
         );
         m.holds.register(&mut registry, "templates");
         RenderMetrics {

@@ -134,6 +134,18 @@ fn template_display(t: &super::TemplateSpec) -> BTreeMap<&'static str, String> {
     );
     m.insert("max_output", format!("{} bytes", t.max_output));
     m.insert("fail_static", fail_static_display(t.fail_static));
+    m.insert(
+        "haproxy",
+        t.haproxy
+            .as_ref()
+            .map_or("none (every change reloads)".into(), |h| {
+                format!(
+                    "socket {}, drain {}",
+                    h.socket.display(),
+                    humantime::format_duration(h.drain)
+                )
+            }),
+    );
     m
 }
 

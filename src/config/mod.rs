@@ -35,7 +35,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cli::{Common, LogFormat};
-pub use raw::{RawCheck, RawConfig, RawDuration, RawFailStatic, RawSize, RawTemplate};
+pub use raw::{RawCheck, RawConfig, RawDuration, RawFailStatic, RawHaproxy, RawSize, RawTemplate};
 
 pub use limits::{MAX_TXN_BYTES, MAX_TXN_OPS};
 
@@ -69,7 +69,21 @@ pub struct TemplateSpec {
     pub max_output: usize,
     /// When vanished hosts are held (contract section 8).
     pub fail_static: crate::registry::hold::FailStatic,
+    /// haproxy's runtime API, when the template names it.
+    pub haproxy: Option<HaproxySpec>,
 }
+
+/// `haproxy:` of a template (contract section 6.9).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaproxySpec {
+    /// The stats socket (`stats socket PATH level admin`).
+    pub socket: PathBuf,
+    /// How long a removed server may keep its connections.
+    pub drain: Duration,
+}
+
+/// `haproxy.drain` when a template does not set it.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(60);
 
 /// `max_output` when a template does not set it.
 pub const DEFAULT_MAX_OUTPUT: usize = 64 << 20;

@@ -148,6 +148,20 @@ pub struct RawTemplate {
     pub max_output: Option<RawSize>,
     /// Fail static for this template (default: the top-level `fail_static`).
     pub fail_static: Option<RawFailStatic>,
+    /// haproxy's runtime API: server changes go through its socket
+    /// instead of `reload` (contract section 6.9).
+    pub haproxy: Option<RawHaproxy>,
+}
+
+/// `haproxy: {socket, drain}` of a template.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHaproxy {
+    /// haproxy's stats socket at `level admin`.
+    pub socket: Option<PathBuf>,
+    /// How long a removed server may keep its connections before they are
+    /// shut and it is deleted (default 1m).
+    pub drain: Option<RawDuration>,
 }
 
 /// A size as written in YAML: a number of bytes, or text with a unit.

@@ -794,6 +794,39 @@ pub(super) fn templates_field(
             t.fail_static.as_ref(),
             fail_static,
         );
+        let haproxy = t.haproxy.as_ref().and_then(|h| {
+            let socket = match &h.socket {
+                Some(s) if s.is_absolute() => Some(s.clone()),
+                Some(s) => {
+                    p.push(
+                        &at("haproxy"),
+                        &field,
+                        format_args!(
+                            "haproxy.socket {} must be an absolute path (haproxy.cfg's `stats socket PATH level admin`)",
+                            s.display()
+                        ),
+                    );
+                    None
+                }
+                None => {
+                    p.push(
+                        &at("haproxy"),
+                        &field,
+                        "haproxy needs a socket: haproxy: {socket: /run/haproxy/admin.sock} (haproxy.cfg's `stats socket PATH level admin`)",
+                    );
+                    None
+                }
+            };
+            if reload.is_none() {
+                p.push(
+                    &at("haproxy"),
+                    &field,
+                    "haproxy needs a reload as well: what the runtime API cannot change (a new backend, a changed setting) still takes one, e.g. reload: [systemctl, reload, haproxy]",
+                );
+            }
+            let drain = dur(p, "haproxy", h.drain.as_ref(), super::DEFAULT_DRAIN);
+            socket.map(|socket| super::HaproxySpec { socket, drain })
+        });
         if p.list.len() == before {
             out.push(TemplateSpec {
                 source,
@@ -809,6 +842,7 @@ pub(super) fn templates_field(
                 command_timeout,
                 max_output,
                 fail_static,
+                haproxy,
             });
         }
     }

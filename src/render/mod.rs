@@ -16,6 +16,8 @@
 //! like an accident of the registry is shown to that template as it was
 //! last seen, until it is back or `fail_static.settle` has passed.
 
+pub mod haproxy;
+pub mod runtime;
 pub mod template;
 pub mod write;
 
@@ -77,6 +79,10 @@ struct Slot {
     /// Fail static: hosts that vanished without `leaving` and are still
     /// shown to this template (contract section 8).
     holds: Holds,
+    /// haproxy's runtime API: servers removed at runtime that still have
+    /// connections, and when to try deleting them again.
+    draining: Vec<runtime::Draining>,
+    sweep_at: Option<Instant>,
 }
 
 impl Slot {
@@ -99,6 +105,8 @@ impl Slot {
             reads: Reads::All,
             refused: false,
             holds: Holds::new(spec.fail_static),
+            draining: Vec::new(),
+            sweep_at: None,
         })
     }
 
@@ -185,12 +193,56 @@ impl Slot {
         }
     }
 
+    /// Deletes the servers that finished draining; comes back in a second
+    /// while any still drain.
+    async fn sweep(&mut self) {
+        if let Some(h) = &self.spec.haproxy {
+            let socket = runtime::Socket::new(&h.socket);
+            runtime::sweep(&socket, &mut self.draining, Some(h.drain)).await;
+        } else {
+            self.draining.clear();
+        }
+        self.sweep_at = (!self.draining.is_empty()).then(|| Instant::now() + SWEEP_EVERY);
+    }
+
+    /// The file `previous` held was just replaced by `new`: haproxy takes
+    /// the difference through its runtime API when it can. `Err`: the
+    /// reload must run, and why.
+    async fn apply_at_runtime(
+        &mut self,
+        previous: &write::Previous,
+        new: &[u8],
+    ) -> Result<runtime::Applied, haproxy::Reload> {
+        let Some(h) = &self.spec.haproxy else {
+            return Err(haproxy::Reload {
+                reason: "none",
+                detail: String::new(),
+            });
+        };
+        let Some(old) = &previous.file else {
+            return Err(haproxy::Reload {
+                reason: "first",
+                detail: "there was no file before, so haproxy runs something else".into(),
+            });
+        };
+        let old = haproxy::Parsed::parse(&String::from_utf8_lossy(&old.bytes));
+        let new = haproxy::Parsed::parse(&String::from_utf8_lossy(new));
+        let changes = haproxy::plan(&old, &new)?;
+        let socket = runtime::Socket::new(&h.socket);
+        let applied = runtime::apply(&socket, &old, &changes, &mut self.draining).await;
+        self.sweep_at = (!self.draining.is_empty()).then(|| Instant::now() + SWEEP_EVERY);
+        applied
+    }
+
     /// The last render was written, found unchanged, or held by
     /// `min_hosts`: a state render can stand by (READY=1 waits for it).
     fn settled(&self) -> bool {
         self.listed.is_some() || self.refused
     }
 }
+
+/// How often servers removed at runtime are tried for deletion.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 const NO_TEMPLATES: &str =
     "no templates: add a `templates:` list to the config file (see README \"Rendering configs\")";
@@ -202,13 +254,23 @@ fn ip_key(prefix: &str, id: &HostId) -> String {
 }
 
 /// Keeps the holds of templates whose destination and `fail_static` a
-/// reload left as they were: a SIGHUP must not drop a hold.
+/// reload left as they were, and the servers draining in the same haproxy:
+/// a SIGHUP must not drop a hold or forget a server it still has to delete.
 fn carry_holds(old: &mut [Slot], new: &mut [Slot]) {
     for n in new.iter_mut() {
         if let Some(o) = old.iter_mut().find(|o| {
             o.spec.destination == n.spec.destination && o.spec.fail_static == n.spec.fail_static
         }) {
             n.holds = std::mem::take(&mut o.holds);
+        }
+        // Servers still draining in the same haproxy.
+        if let Some(o) = old.iter_mut().find(|o| {
+            o.spec.destination == n.spec.destination
+                && o.spec.haproxy.as_ref().map(|h| &h.socket)
+                    == n.spec.haproxy.as_ref().map(|h| &h.socket)
+        }) {
+            n.draining = std::mem::take(&mut o.draining);
+            n.sweep_at = o.sweep_at;
         }
     }
 }
@@ -435,6 +497,7 @@ async fn follow(
             .iter()
             .filter_map(Slot::due)
             .chain(slots.iter().filter_map(|s| s.holds.next_release()))
+            .chain(slots.iter().filter_map(|s| s.sweep_at))
             .min();
         let timer = async {
             match next_due {
@@ -457,6 +520,9 @@ async fn follow(
                 for slot in slots.iter_mut() {
                     if slot.holds.next_release().is_some_and(|at| at <= now) {
                         slot.expire(&prefix, now, metrics);
+                    }
+                    if slot.sweep_at.is_some_and(|at| at <= now) {
+                        slot.sweep().await;
                     }
                 }
                 show_holds(slots, metrics, now);
@@ -638,6 +704,33 @@ async fn render_cycle(
                     summary(slot.listed.as_ref(), &listed)
                 );
                 slot.listed = Some(listed);
+                if slot.spec.haproxy.is_some() {
+                    match slot.apply_at_runtime(&previous, &rendered.text).await {
+                        Ok(applied) => {
+                            metrics.reloads_avoided.inc();
+                            metrics.runtime_changes.inc_by(applied.count() as u64);
+                            if applied.count() > 0 {
+                                tracing::info!(
+                                    revision = view.revision,
+                                    "applied through haproxy's runtime API, no reload: {applied}"
+                                );
+                            }
+                            continue;
+                        }
+                        Err(why) => {
+                            metrics
+                                .runtime_fallbacks
+                                .get_or_create(&crate::telemetry::ReasonLabels {
+                                    reason: why.reason,
+                                })
+                                .inc();
+                            tracing::info!("reloading haproxy: {why}");
+                            // A reload rebuilds every server; none drains.
+                            slot.draining.clear();
+                            slot.sweep_at = None;
+                        }
+                    }
+                }
                 if let Some(reload) = &slot.spec.reload {
                     reloads
                         .entry(reload.clone())
@@ -662,6 +755,7 @@ async fn render_cycle(
             .map(|(i, _)| slots[*i].spec.command_timeout)
             .max()
             .unwrap_or(Duration::from_secs(30));
+        metrics.reloads.inc();
         let run = child::run(&argv, timeout, Leftovers::Leave).await;
         if run.success() {
             continue;

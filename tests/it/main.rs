@@ -11,6 +11,7 @@ mod dns;
 mod etcd_errors;
 mod fail_static;
 mod faults;
+mod haproxy_runtime;
 mod lease_session;
 mod one_shot;
 mod prometheus;
