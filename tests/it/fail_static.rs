@@ -67,7 +67,12 @@ impl Stage {
         .unwrap();
         let t = d.write(
             "haproxy.cfg.j2",
-            &example.replace("\"*:80\"", &format!("\"127.0.0.1:{}\"", free_port())),
+            &example
+                .replace("\"*:80\"", &format!("\"127.0.0.1:{}\"", free_port()))
+                .replace(
+                    "/run/haproxy/admin.sock",
+                    &d.path("admin.sock").to_string_lossy(),
+                ),
         );
         std::fs::create_dir(d.path("staged")).unwrap();
         let render_metrics = free_port();

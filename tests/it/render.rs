@@ -448,7 +448,12 @@ async fn haproxy_follows_the_registry_with_no_failed_request() {
     .unwrap();
     let template = d.write(
         "haproxy.cfg.j2",
-        &example.replace("\"*:80\"", &format!("\"127.0.0.1:{listen}\"")),
+        &example
+            .replace("\"*:80\"", &format!("\"127.0.0.1:{listen}\""))
+            .replace(
+                "/run/haproxy/admin.sock",
+                &d.path("admin.sock").to_string_lossy(),
+            ),
     );
     let out = d.path("out.cfg");
     let base = format!(
