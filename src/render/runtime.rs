@@ -12,7 +12,9 @@
 //!
 //! A removed server is put in maintenance at once, so it takes no new
 //! request, and deleted (`del server`) once its last connection closed;
-//! after `drain` its sessions are shut and it is deleted.
+//! after `drain` its sessions are shut and it is deleted. One a stopped
+//! render left in maintenance is found by [`runs`] and deleted the same
+//! way.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -174,12 +176,16 @@ pub fn parse_state(text: &str) -> Option<BTreeMap<(String, String), Running>> {
 }
 
 /// Whether haproxy runs the servers of `old` (but for those still
-/// draining): the one thing that makes a runtime change safe.
+/// draining): the one thing that makes a runtime change safe. A server
+/// haproxy runs in maintenance that the file does not list is one removed
+/// at runtime and not yet deleted (by a render that stopped since): it is
+/// returned, to be drained and deleted. Any other difference is drift.
 pub fn runs(
     old: &Parsed,
     running: &BTreeMap<(String, String), Running>,
     draining: &[Draining],
-) -> Result<(), String> {
+) -> Result<Vec<(String, String)>, String> {
+    let mut adopt = Vec::new();
     for (backend, servers) in old.backends() {
         for s in servers {
             let key = (backend.to_string(), s.name.clone());
@@ -219,17 +225,20 @@ pub fn runs(
         }
         let listed: std::collections::BTreeSet<&str> =
             servers.iter().map(|s| s.name.as_str()).collect();
-        if let Some((_, extra)) = running.keys().find(|(b, s)| {
+        for ((b, extra), r) in running.iter().filter(|((b, s), _)| {
             b == backend
                 && !listed.contains(s.as_str())
                 && !draining.iter().any(|d| d.backend == *b && d.server == *s)
         }) {
-            return Err(format!(
-                "haproxy runs a server {backend}/{extra} the file does not list"
-            ));
+            if !r.in_maintenance() {
+                return Err(format!(
+                    "haproxy runs a server {backend}/{extra} the file does not list"
+                ));
+            }
+            adopt.push((b.clone(), extra.clone()));
         }
     }
-    Ok(())
+    Ok(adopt)
 }
 
 /// A removed server waiting for its last connection to close.
@@ -298,10 +307,20 @@ pub async fn apply(
         });
     }
     let running = socket.servers().await?;
-    runs(old, &running, draining).map_err(|why| Reload {
+    let adopt = runs(old, &running, draining).map_err(|why| Reload {
         reason: "drift",
         detail: format!("haproxy does not run the previous file ({why})"),
     })?;
+    for (backend, server) in adopt {
+        tracing::info!(
+            "haproxy still has {backend}/{server} in maintenance, removed earlier; deleting it once drained"
+        );
+        draining.push(Draining {
+            backend,
+            server,
+            since: Instant::now(),
+        });
+    }
     if let Some(c) = changes.iter().find(|c| {
         matches!(c, Change::Add { .. })
             && draining
@@ -449,14 +468,14 @@ mod tests {
         let running = parse_state(STATE).unwrap();
         let file =
             "backend web\n    server a 10.0.0.1:80\n    server b 10.0.0.2:80 weight 5 disabled\n";
-        assert_eq!(runs(&Parsed::parse(file), &running, &[]), Ok(()));
+        assert_eq!(runs(&Parsed::parse(file), &running, &[]), Ok(vec![]));
         for (other, says) in [
             (file.replace("10.0.0.1:80", "10.0.0.1:81"), "at 10.0.0.1:80"),
             (file.replace("weight 5", "weight 4"), "weight 5"),
             (file.replace(" disabled", ""), "in maintenance"),
             (file.replace("server b", "server c"), "no server web/c"),
             (
-                file.replace("    server b 10.0.0.2:80 weight 5 disabled\n", ""),
+                file.replace("    server a 10.0.0.1:80\n", ""),
                 "does not list",
             ),
         ] {
@@ -466,7 +485,9 @@ mod tests {
                 "{says}: {got:?}"
             );
         }
-        // A server being drained is not drift.
+        // A server being drained is not drift; one in maintenance that
+        // nothing drains is one to drain (a render stopped before it was
+        // deleted); one serving is drift (above).
         let without_b = file.replace("    server b 10.0.0.2:80 weight 5 disabled\n", "");
         let draining = [Draining {
             backend: "web".into(),
@@ -475,7 +496,11 @@ mod tests {
         }];
         assert_eq!(
             runs(&Parsed::parse(&without_b), &running, &draining),
-            Ok(())
+            Ok(vec![])
+        );
+        assert_eq!(
+            runs(&Parsed::parse(&without_b), &running, &[]),
+            Ok(vec![("web".to_string(), "b".to_string())])
         );
     }
 }
