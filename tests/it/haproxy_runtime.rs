@@ -318,9 +318,23 @@ async fn setup(d: Dir, cluster: Cluster, hosts: usize) -> Setup {
             socket.display()
         ),
     );
+    let render = start_render(&render_cfg, metrics).await;
+    Setup {
+        d,
+        cluster,
+        eps,
+        port,
+        metrics,
+        haproxy,
+        render,
+    }
+}
+
+/// render with its config, serving metrics on `metrics`, once ready.
+async fn start_render(cfg: &Path, metrics: u16) -> Agent {
     let mut c = registrar();
     c.args(["render", "--config"])
-        .arg(&render_cfg)
+        .arg(cfg)
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")]);
     let render = Agent::spawn_command("render", c);
     let url = format!("http://127.0.0.1:{metrics}/health");
@@ -332,15 +346,7 @@ async fn setup(d: Dir, cluster: Cluster, hosts: usize) -> Setup {
         }
     })
     .await;
-    Setup {
-        d,
-        cluster,
-        eps,
-        port,
-        metrics,
-        haproxy,
-        render,
-    }
+    render
 }
 
 async fn metric(port: u16, name: &str) -> u64 {
@@ -682,4 +688,106 @@ async fn haproxy_settings_are_checked_at_load_time() {
     let r = check(missing).await;
     assert_eq!(r.code, 78, "{}", r.stderr);
     assert!(r.stderr.contains("haproxy needs a socket"), "{}", r.stderr);
+}
+
+#[tokio::test]
+async fn a_removed_server_drains_then_is_deleted_even_across_a_render_restart() {
+    let cluster = Cluster::start(1).await;
+    let d = Dir::new();
+    let eps = cluster.endpoint_list();
+    let keep = Backend::start("keep").await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    let b3 = Backend::start("b3").await;
+    let _a_keep = agent(&eps, &d, "web", &keep);
+    let a1 = agent(&eps, &d, "web", &b1);
+    let a2 = agent(&eps, &d, "web", &b2);
+    let mut s = setup(d, cluster, 3).await;
+    let pid = s.haproxy.worker().await.unwrap();
+    // A connection to b1, open while b1 is removed.
+    let mut on_b1 = loop {
+        let mut c = Conn::open(s.port).await.unwrap();
+        if c.ask().await.as_deref() == Ok("b1") {
+            break c;
+        }
+    };
+    a1.signal(Signal::SIGTERM);
+    registry_says(&s, "b1", "health", &[Some("leaving"), None]).await;
+    eventually(Duration::from_secs(5), "b1 in maintenance", || async {
+        let servers = s.haproxy.servers("web").await?;
+        match servers.get("b1") {
+            Some((_, true, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    // Draining: its open connection still works, and it stays until the
+    // bound (drain: 2s), then its session is shut and it is deleted.
+    assert_eq!(on_b1.ask().await.as_deref(), Ok("b1"));
+    eventually(
+        Duration::from_secs(10),
+        "b1 deleted after the drain bound",
+        || async {
+            let servers = s.haproxy.servers("web").await?;
+            if servers.contains_key("b1") {
+                Err(format!("{servers:?}"))
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        on_b1.ask().await.is_err(),
+        "b1's session outlived the drain bound"
+    );
+    assert!(
+        s.render.log().contains("after the drain bound; shut them"),
+        "{}",
+        s.render.log()
+    );
+
+    // render killed while b2 drains: the next render finds b2 in
+    // maintenance, and deletes it once drained, without a reload.
+    let mut on_b2 = loop {
+        let mut c = Conn::open(s.port).await.unwrap();
+        if c.ask().await.as_deref() == Ok("b2") {
+            break c;
+        }
+    };
+    a2.signal(Signal::SIGTERM);
+    registry_says(&s, "b2", "health", &[Some("leaving"), None]).await;
+    eventually(Duration::from_secs(5), "b2 in maintenance", || async {
+        let servers = s.haproxy.servers("web").await?;
+        match servers.get("b2") {
+            Some((_, true, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    s.render.signal(Signal::SIGKILL);
+    let _ = s.render.wait_exit(Duration::from_secs(5)).await;
+    s.render = start_render(&s.d.path("render.yaml"), s.metrics).await;
+    let _a3 = agent(&s.eps, &s.d, "web", &b3);
+    eventually(Duration::from_secs(15), "b3 added, b2 deleted", || async {
+        let servers = s.haproxy.servers("web").await?;
+        if servers.contains_key("b3") && !servers.contains_key("b2") {
+            Ok(())
+        } else {
+            Err(format!("{servers:?}"))
+        }
+    })
+    .await;
+    assert!(on_b2.ask().await.is_err());
+    assert!(
+        s.render.log().contains("still has web/b2 in maintenance"),
+        "{}",
+        s.render.log()
+    );
+    assert_eq!(
+        s.haproxy.worker().await.unwrap(),
+        pid,
+        "haproxy was reloaded"
+    );
+    assert_eq!(reloads(&s.d), 0);
 }
