@@ -603,17 +603,28 @@ async fn open_stream(
     .await
 }
 
-/// Revokes on shutdown, saying what happened to the host's keys.
+/// How long a revoke on shutdown may take over every endpoint. Each
+/// endpoint gets the request timeout, so with all of them hung a revoke
+/// alone could outlast the 10 s that systemd and docker give a stop; with
+/// `leaving` (2 s at most) before it, the agent stops within about 7 s.
+pub const REVOKE_WITHIN: Duration = Duration::from_secs(5);
+
+/// Revokes on shutdown, within [`REVOKE_WITHIN`], saying what happened to
+/// the host's keys.
 pub async fn revoke_logged(etcd: &Etcd, lease: Lease) {
-    match revoke(etcd, lease.id).await {
-        Ok(()) => tracing::info!(
+    let expire = humantime::format_duration(lease.ttl);
+    match tokio::time::timeout(REVOKE_WITHIN, revoke(etcd, lease.id)).await {
+        Ok(Ok(())) => tracing::info!(
             lease = %lease.id,
             "lease revoked; this host's keys are gone"
         ),
-        Err(e) => tracing::error!(
+        Ok(Err(e)) => tracing::error!(
             error = %e,
-            "could not revoke the lease; this host's keys expire within {}",
-            humantime::format_duration(lease.ttl)
+            "could not revoke the lease; this host's keys expire within {expire}"
+        ),
+        Err(_) => tracing::error!(
+            "could not revoke the lease: etcd did not answer within {}; this host's keys expire within {expire}",
+            humantime::format_duration(REVOKE_WITHIN)
         ),
     }
 }

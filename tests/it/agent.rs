@@ -542,3 +542,32 @@ async fn a_graceful_stop_announces_leaving_on_every_role_then_revokes() {
     )
     .await;
 }
+
+/// Contract rule 4: a stop is bounded. With every member hung (SIGSTOP: a
+/// connection opens, nothing answers), SIGTERM still ends the agent within
+/// the 10 s systemd and docker give a stop, and it says where its keys go.
+#[tokio::test]
+async fn sigterm_with_every_member_hung_exits_within_10s_and_says_the_keys_expire() {
+    let cluster = Cluster::start(3).await;
+    let mut a = agent(&cluster, "m1", "30s");
+    let c = cluster.client().await;
+    wait_registered(&c, Duration::from_secs(10)).await;
+    for i in 0..3 {
+        cluster.signal(i, Signal::SIGSTOP);
+    }
+    let stop = Instant::now();
+    a.signal(Signal::SIGTERM);
+    let code = a.wait_exit(Duration::from_secs(20)).await;
+    let took = stop.elapsed();
+    eprintln!("SIGTERM to exit with every member hung: {took:?}");
+    for i in 0..3 {
+        cluster.signal(i, Signal::SIGCONT);
+    }
+    let log = a.log();
+    assert!(took < Duration::from_secs(10), "took {took:?}:\n{log}");
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("could not announce leaving") && log.contains("keys expire within 30s"),
+        "{log}"
+    );
+}
