@@ -465,7 +465,7 @@ fn env_bool(var: &str, s: &str) -> Result<bool, String> {
         "1" | "true" | "yes" | "on" | "y" => Ok(true),
         "0" | "false" | "no" | "off" | "n" | "" => Ok(false),
         _ => Err(format!(
-            "{var}={s:?} is not a yes/no value; use 1 or 0, true or false, yes or no"
+            "{var}={s:?} is not a yes/no value; use 1 or 0, true or false, yes or no, on or off"
         )),
     }
 }

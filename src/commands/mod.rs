@@ -163,7 +163,11 @@ async fn serve_metrics<M: crate::telemetry::Exposed>(
 
 /// Reports a key or value that does not follow the layout, and moves on.
 fn report_malformed(m: crate::registry::Malformed) {
-    eprintln!("registrar: skipping malformed key {}: {}", m.key, m.why);
+    eprintln!(
+        "registrar: skipping malformed key {}: {}",
+        m.key.escape_debug(),
+        m.why.escape_debug()
+    );
 }
 
 /// What part of the registry a consumer shows: a key prefix to read or

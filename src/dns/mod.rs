@@ -158,7 +158,7 @@ async fn follow(
     };
     let (mut follower, bad) = start?;
     for m in bad {
-        tracing::debug!(key = m.key, why = m.why, "skipping a malformed key");
+        tracing::debug!(key = %m.key.escape_debug(), why = m.why, "skipping a malformed key");
     }
     let zone = Zone::build(&follower.registry, follower.revision, settings.clone());
     metrics
@@ -177,7 +177,7 @@ async fn follow(
     // Hosts changed since the zone was last brought in step.
     let mut touched: BTreeSet<HostId> = BTreeSet::new();
     let mut report = |m: crate::registry::Malformed| {
-        tracing::debug!(key = m.key, why = m.why, "skipping a malformed key");
+        tracing::debug!(key = %m.key.escape_debug(), why = m.why, "skipping a malformed key");
     };
     loop {
         // Biased: every change already here is applied to the mirror before

@@ -185,10 +185,14 @@ impl HostView {
             Leaf::Owner => self.owner = Some(value.to_string()),
             Leaf::Maintenance => self.maintenance = Some(value.to_string()),
             Leaf::Service(name) => {
-                let port = value
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("port {value:?} is not a number"))?;
+                let text = value.trim();
+                let port = text.parse().map_err(|_| {
+                    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+                        format!("port {value:?} is out of range; a port is 1 to 65535")
+                    } else {
+                        format!("port {value:?} is not a number")
+                    }
+                })?;
                 self.services.insert(name.clone(), port);
             }
             Leaf::Meta(name) => {
@@ -587,6 +591,15 @@ mod tests {
             .put(P, b"/infrastructure/dc1/web/h1/ip", b"\xff\xfe", 0, 1)
             .unwrap_err();
         assert!(e.why.contains("UTF-8"));
+        // A port that is a number, only too big, is told apart.
+        let e = put(&mut r, "services/http", "70000").unwrap_err();
+        assert!(
+            e.why.contains("out of range; a port is 1 to 65535"),
+            "{}",
+            e.why
+        );
+        let e = put(&mut r, "services/http", "eighty").unwrap_err();
+        assert!(e.why.contains("is not a number"), "{}", e.why);
         assert_eq!(r.present().count(), 0);
     }
 
