@@ -505,21 +505,46 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     let mut backoff = Backoff::standard();
+    // A one-shot command (a deadline within the hour) says nothing while it
+    // retries: its caller reports the last error once, at the deadline. A
+    // long-running one says the outage once, and its end.
+    let long_running = deadline.saturating_duration_since(Instant::now()) > LONG_RUNNING;
+    let mut failures = 0u32;
     loop {
         match op().await {
-            Ok(v) => return Ok(v),
+            Ok(v) => {
+                if long_running && failures > 0 {
+                    tracing::info!("etcd answers again, after {failures} failed attempts");
+                }
+                return Ok(v);
+            }
             Err(e) if e.is_transient() => {
                 let delay = backoff.next_delay();
                 if Instant::now() + delay >= deadline {
                     return Err(e);
                 }
-                tracing::warn!(error = %e, retry_in = ?delay, "etcd unavailable, retrying");
+                failures += 1;
+                if long_running && failures == 1 {
+                    tracing::warn!(error = %e, "etcd unavailable; retrying quietly until it answers");
+                } else {
+                    tracing::debug!(error = %e, retry_in = ?delay, "etcd unavailable, retrying");
+                }
                 tokio::time::sleep(delay).await;
             }
             Err(e) => return Err(e),
         }
     }
 }
+
+/// The deadline of "retry until it answers", for long-running commands:
+/// far enough never to come, near enough for the timer.
+pub fn never() -> Instant {
+    Instant::now() + Duration::from_secs(3600 * 24 * 365 * 30)
+}
+
+/// A [`retry_until`] deadline further off than this is a long-running
+/// process's ("until it answers"), not a one-shot command's `--timeout`.
+const LONG_RUNNING: Duration = Duration::from_secs(3600);
 
 #[cfg(test)]
 mod tests {

@@ -34,6 +34,7 @@ fn main() -> ExitCode {
         }
     };
     registrar::process::init_logging(config.log_format, &env);
+    let json_logs = config.log_format == registrar::cli::LogFormat::Json;
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -79,6 +80,11 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::from(exit::OK),
+        // With JSON logs every line on stderr is JSON, the last one too.
+        Err(f) if json_logs => {
+            tracing::error!(exit_code = f.code, "{f}");
+            ExitCode::from(f.code)
+        }
         Err(f) => {
             eprintln!("registrar: {f}");
             ExitCode::from(f.code)

@@ -61,7 +61,7 @@ pub async fn run(
         }
     };
     tokio::pin!(timed_out);
-    let far = Instant::now() + std::time::Duration::from_secs(3600 * 24 * 365);
+    let far = crate::etcd::never();
     let start = tokio::select! {
         r = crate::etcd::retry_until(deadline.unwrap_or(far), || Follower::start(&etcd, &config.prefix, &scope)) => r,
         _ = cancel.cancelled() => return Err(Failure::new(exit::RUNTIME, anyhow::anyhow!("interrupted"))),

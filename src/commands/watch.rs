@@ -105,7 +105,7 @@ pub async fn run(
     let key_scope = scope.key.clone();
     let etcd = Etcd::new(&config.etcd).map_err(|e| Failure::new(exit::DENIED, e))?;
     let start = tokio::select! {
-        r = crate::etcd::retry_until(tokio::time::Instant::now() + std::time::Duration::from_secs(3600 * 24 * 365), || Follower::start(&etcd, &config.prefix, &key_scope)) => r,
+        r = crate::etcd::retry_until(crate::etcd::never(), || Follower::start(&etcd, &config.prefix, &key_scope)) => r,
         _ = cancel.cancelled() => return Ok(()),
     };
     let (mut follower, bad) = start.map_err(|e| etcd_failure(e, &etcd))?;

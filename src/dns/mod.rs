@@ -151,7 +151,7 @@ async fn follow(
     metrics: &DnsMetrics,
 ) -> Result<(), EtcdError> {
     let scope = format!("{prefix}/");
-    let forever = tokio::time::Instant::now() + Duration::from_secs(3600 * 24 * 365 * 100);
+    let forever = crate::etcd::never();
     let start = tokio::select! {
         _ = cancel.cancelled() => return Ok(()),
         r = crate::etcd::retry_until(forever, || Follower::start(etcd, prefix, &scope)) => r,

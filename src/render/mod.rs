@@ -418,7 +418,7 @@ async fn follow(
     let deadline = if options.once || options.dry_run {
         Instant::now() + options.timeout
     } else {
-        Instant::now() + Duration::from_secs(3600 * 24 * 365 * 100)
+        crate::etcd::never()
     };
     let prefix = config.prefix.clone();
     let scope = format!("{prefix}/");
