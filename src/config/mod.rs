@@ -203,21 +203,42 @@ impl Config {
     /// Loads and validates the configuration from flags, environment and the
     /// optional config file. Touches nothing but the config and password files.
     pub fn load(flags: &Common, env: &Env) -> Result<Config, ConfigError> {
-        let (raw, file) = match &flags.connection.config {
+        let (raw, unknown, file) = match &flags.connection.config {
             Some(path) => {
                 let text = raw::read_config_file(path)?;
-                let raw = raw::parse_yaml(path, &text)?;
+                let (raw, unknown) = raw::parse_yaml(path, &text)?;
                 (
                     raw,
+                    unknown,
                     Some(raw::FileSource {
                         path: path.clone(),
                         text,
                     }),
                 )
             }
-            None => (RawConfig::default(), None),
+            None => (RawConfig::default(), Vec::new(), None),
         };
-        sources::merge(flags, env, raw, file.as_ref())
+        // Fields that are no setting are problems like any other: reported
+        // together with the rest, not instead of them.
+        let unknown: Vec<String> = unknown
+            .iter()
+            .filter_map(|segments| {
+                let at: Vec<&str> = segments.iter().map(String::as_str).collect();
+                let name = at.last()?;
+                let place = file.as_ref().map_or(String::new(), |f| f.locate(&at));
+                Some(format!(
+                    "{place}: unknown field `{name}`: not a setting here (a typo, or the wrong indentation?)"
+                ))
+            })
+            .collect();
+        match sources::merge(flags, env, raw, file.as_ref()) {
+            Ok(config) if unknown.is_empty() => Ok(config),
+            Ok(_) => Err(ConfigError { problems: unknown }),
+            Err(mut e) => {
+                e.problems.splice(0..0, unknown);
+                Err(e)
+            }
+        }
     }
 
     /// The fields a registering command cannot do without.

@@ -13,7 +13,6 @@ use crate::cli::LogFormat;
 /// The config file as written. Every field is optional: flags and the
 /// environment may supply it instead.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// etcd endpoints, e.g. `[https://10.0.0.1:2379, https://10.0.0.2:2379]`.
     pub endpoints: Option<Vec<String>>,
@@ -79,7 +78,6 @@ pub struct RawConfig {
 
 /// `fail_static: {settle, max_drop}` (contract section 8).
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawFailStatic {
     /// How long a host that vanished without `leaving` is held at most
     /// (default 60s; 0s turns fail static off).
@@ -119,7 +117,6 @@ impl RawPercent {
 
 /// One template of `registrar render` (contract section 6).
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawTemplate {
     /// The minijinja template file.
     pub source: Option<PathBuf>,
@@ -155,7 +152,6 @@ pub struct RawTemplate {
 
 /// `haproxy: {socket, drain}` of a template.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawHaproxy {
     /// haproxy's stats socket at `level admin`.
     pub socket: Option<PathBuf>,
@@ -211,7 +207,6 @@ impl RawSize {
 
 /// `wait: {min, max}` of a template.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawWait {
     /// Quiet time before a render (default 0: at once).
     pub min: Option<RawDuration>,
@@ -221,7 +216,6 @@ pub struct RawWait {
 
 /// One health check as written in the config file.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawCheck {
     /// Unique name; becomes `checks/<name>`.
     pub name: Option<String>,
@@ -375,18 +369,51 @@ pub(super) fn read_config_file(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
-pub(super) fn parse_yaml(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+/// The file's settings, and the path of every field it has that is not a
+/// setting (each reported with the other problems, not the first alone).
+pub(super) fn parse_yaml(
+    path: &Path,
+    text: &str,
+) -> Result<(RawConfig, Vec<Vec<String>>), ConfigError> {
     if text.trim().is_empty() {
-        return Ok(RawConfig::default());
+        return Ok((RawConfig::default(), Vec::new()));
     }
-    serde_yaml::from_str(text).map_err(|e| {
-        let at = match e.location() {
-            Some(l) => format!("{}:{}:{}", path.display(), l.line(), l.column()),
-            None => path.display().to_string(),
-        };
-        // serde_yaml appends " at line X column Y"; the position is already in front.
-        let msg = e.to_string();
-        let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-        ConfigError::one(format!("{at}: {msg}"))
-    })
+    let mut unknown = Vec::new();
+    let parsed = serde_ignored::deserialize(serde_yaml::Deserializer::from_str(text), |p| {
+        unknown.push(segments(&p))
+    });
+    parsed
+        .map(|raw| (raw, unknown))
+        .map_err(|e: serde_yaml::Error| {
+            let at = match e.location() {
+                Some(l) => format!("{}:{}:{}", path.display(), l.line(), l.column()),
+                None => path.display().to_string(),
+            };
+            // serde_yaml appends " at line X column Y"; the position is already in front.
+            let msg = e.to_string();
+            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            ConfigError::one(format!("{at}: {msg}"))
+        })
+}
+
+/// A field's path as [`FileSource::locate`] takes it: names, and `[i]`
+/// for the i-th item of a list.
+fn segments(p: &serde_ignored::Path) -> Vec<String> {
+    use serde_ignored::Path;
+    match p {
+        Path::Root => Vec::new(),
+        Path::Seq { parent, index } => {
+            let mut v = segments(parent);
+            v.push(format!("[{index}]"));
+            v
+        }
+        Path::Map { parent, key } => {
+            let mut v = segments(parent);
+            v.push(key.clone());
+            v
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => segments(parent),
+    }
 }

@@ -144,6 +144,25 @@ fn readme_examples_are_valid_configs() {
 }
 
 #[test]
+fn unknown_fields_are_reported_with_every_other_problem() {
+    let err = load_yaml(
+        "dc: a\nbogus: 1\nttl: soon\nchecks:\n  - name: c\n    exec: ['true']\n    retries: 3\n    interval: never\nmeta:\n  'a/b': x\n",
+        Common::default(),
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    for want in [
+        ":2:1: unknown field `bogus`",
+        ":7:5: unknown field `retries`",
+        "\"soon\" is not a duration",
+        "\"never\" is not a duration",
+        "meta key \"a/b\"",
+    ] {
+        assert!(text.contains(want), "no {want:?} in {text}");
+    }
+}
+
+#[test]
 fn unknown_field_has_position() {
     let err = load_yaml("dc: a\nbogus: 1\n", Common::default()).unwrap_err();
     let text = err.to_string();
