@@ -3,7 +3,9 @@
 //! (examples/prometheus/registrar-alerts.yml) pass `promtool check rules`
 //! and, in `promtool test rules`, fire on series scraped from real
 //! processes: their names, labels and values as exported, only laid out in
-//! time (Prometheus's own `up` aside, which no exporter exports).
+//! time (Prometheus's own `up` aside, which no exporter exports). And real
+//! Prometheus finds the fleet through a `file_sd` file that `render` writes
+//! from the registry (examples/prometheus/file_sd.json.j2).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -433,4 +435,195 @@ async fn exported_metrics_pass_promtool_and_the_alert_rules_fire_on_them() {
         String::from_utf8_lossy(&out.stderr),
         serde_yaml::to_string(&file).unwrap()
     );
+}
+
+/// Prometheus, started on `config`, killed on drop.
+struct Prometheus {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Prometheus {
+    fn start(dir: &std::path::Path, config: &str) -> Prometheus {
+        let port = free_port();
+        let cfg = dir.join("prometheus.yml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus (./scripts/test installs it)");
+        Prometheus { child, port }
+    }
+
+    /// The active targets: (health, labels).
+    async fn targets(&self) -> Result<Vec<(String, BTreeMap<String, String>)>, String> {
+        let text = crate::support::etcd::try_http_get(&format!(
+            "http://127.0.0.1:{}/api/v1/targets?state=active",
+            self.port
+        ))
+        .await?;
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let v: serde_json::Value =
+            serde_json::from_str(body).map_err(|e| format!("{e}: {text}"))?;
+        let targets = v["data"]["activeTargets"]
+            .as_array()
+            .ok_or_else(|| text.clone())?;
+        Ok(targets
+            .iter()
+            .map(|t| {
+                let labels = t["labels"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (t["health"].as_str().unwrap_or("").to_string(), labels)
+            })
+            .collect())
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// examples/prometheus/file_sd.json.j2 rendered by `registrar render`
+/// feeds real Prometheus: every agent that publishes `metrics` is scraped
+/// `up` with dc, role, host and its valid meta keys as labels; a host
+/// without the service is skipped; a stopped agent leaves the targets.
+#[tokio::test]
+async fn prometheus_discovers_the_fleet_through_file_sd_rendered_from_the_registry() {
+    let cluster = Cluster::start(1).await;
+    let eps = cluster.endpoint_list();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = |host: &str, role: &str, metrics: Option<u16>, meta: &[&str]| {
+        let mut a = cmd(
+            "agent",
+            host_args(&eps, "dc1", role, host, &format!("m-{host}"), "5s"),
+        );
+        if let Some(port) = metrics {
+            a.extend([
+                "--metrics-listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--service".into(),
+                format!("metrics={port}"),
+            ]);
+        }
+        for m in meta {
+            a.extend(["--meta".into(), m.to_string()]);
+        }
+        Agent::spawn(host, &a)
+    };
+    let _a1 = agent(
+        "web-1",
+        "web",
+        Some(free_port()),
+        &["rack=r1", "x-y=skipped", "dc=clash"],
+    );
+    let mut a2 = agent("web-2", "web", Some(free_port()), &[]);
+    let _a3 = agent("db-1", "db", Some(free_port()), &["rack=r2"]);
+    let _quiet = agent("batch-1", "batch", None, &[]);
+    let out = dir.path().join("registrar.json");
+    let cfg = dir.path().join("render.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "endpoints: [{eps}]\ntemplates:\n  - source: {}/examples/prometheus/file_sd.json.j2\n    destination: {}\n",
+            env!("CARGO_MANIFEST_DIR"),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let render = Agent::spawn(
+        "render",
+        &[
+            "render".to_string(),
+            "--config".into(),
+            cfg.display().to_string(),
+        ],
+    );
+    eventually(Duration::from_secs(20), "three targets in the file", || {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        async move {
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
+            match v.as_array() {
+                Some(groups) if groups.len() == 3 => Ok(()),
+                _ => Err(text),
+            }
+        }
+    })
+    .await;
+    let prom = Prometheus::start(
+        dir.path(),
+        &format!(
+            "global: {{scrape_interval: 1s, scrape_timeout: 1s}}\nscrape_configs:\n  - job_name: registrar\n    file_sd_configs: [{{files: ['{}'], refresh_interval: 1s}}]\n",
+            out.display()
+        ),
+    );
+    let up = eventually(
+        Duration::from_secs(30),
+        "every agent scraped up",
+        || async {
+            let t = prom.targets().await?;
+            if t.len() == 3 && t.iter().all(|(h, _)| h == "up") {
+                Ok(t)
+            } else {
+                Err(format!("{t:?}"))
+            }
+        },
+    )
+    .await;
+    let by_host: BTreeMap<String, BTreeMap<String, String>> = up
+        .into_iter()
+        .map(|(_, l)| (l.get("host").cloned().unwrap_or_default(), l))
+        .collect();
+    assert_eq!(
+        by_host.keys().collect::<Vec<_>>(),
+        ["db-1", "web-1", "web-2"],
+        "{by_host:?}"
+    );
+    let w1 = &by_host["web-1"];
+    assert_eq!(w1["dc"], "dc1", "{w1:?}");
+    assert_eq!(w1["role"], "web", "{w1:?}");
+    assert_eq!(w1["rack"], "r1", "{w1:?}");
+    assert!(!w1.contains_key("x-y") && !w1.contains_key("x_y"), "{w1:?}");
+    assert_eq!(by_host["db-1"]["rack"], "r2");
+    assert_eq!(by_host["db-1"]["role"], "db");
+
+    // A stopped agent leaves the targets.
+    a2.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = a2.wait_exit(Duration::from_secs(10)).await;
+    eventually(
+        Duration::from_secs(30),
+        "web-2 gone from the targets",
+        || async {
+            let t = prom.targets().await?;
+            let hosts: Vec<String> = t
+                .iter()
+                .filter_map(|(_, l)| l.get("host").cloned())
+                .collect();
+            if hosts.len() == 2 && !hosts.iter().any(|h| h == "web-2") {
+                Ok(())
+            } else {
+                Err(format!("{hosts:?}"))
+            }
+        },
+    )
+    .await;
+    drop(render);
 }
