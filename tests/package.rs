@@ -70,7 +70,12 @@ fn the_package_holds_every_file_and_marks_the_conffiles() {
     let mut want = vec![
         "./usr/bin/registrar".to_string(),
         "./etc/registrar/registrar.yaml".into(),
+        "./etc/registrar/render.yaml".into(),
+        "./etc/registrar/dns.yaml".into(),
+        "./etc/registrar/templates/haproxy.cfg.j2".into(),
         "./etc/default/registrar".into(),
+        "./etc/default/registrar-dns".into(),
+        "./usr/share/doc/registrar/examples/prometheus/file_sd.json.j2".into(),
         "./usr/share/bash-completion/completions/registrar".into(),
         "./usr/share/zsh/vendor-completions/_registrar".into(),
         "./usr/share/fish/vendor_completions.d/registrar.fish".into(),
@@ -108,14 +113,20 @@ fn the_package_holds_every_file_and_marks_the_conffiles() {
             "{file} is not in the package:\n{listing}"
         );
     }
-    // The config may hold a password: root only.
-    assert!(
-        listing
-            .lines()
-            .any(|l| l.starts_with("-rw------- 0/0")
-                && l.ends_with("./etc/registrar/registrar.yaml")),
-        "{listing}"
-    );
+    // The configs of the agent and of render may hold a password: root
+    // only. dns's is read by the unit's dynamic user.
+    for (mode, file) in [
+        ("-rw------- 0/0", "./etc/registrar/registrar.yaml"),
+        ("-rw------- 0/0", "./etc/registrar/render.yaml"),
+        ("-rw-r--r-- 0/0", "./etc/registrar/dns.yaml"),
+    ] {
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.starts_with(mode) && l.ends_with(file)),
+            "{file} is not {mode}:\n{listing}"
+        );
+    }
 
     let control = tempfile::tempdir().unwrap();
     let out = run(Command::new("dpkg-deb")
@@ -128,7 +139,14 @@ fn the_package_holds_every_file_and_marks_the_conffiles() {
     listed.sort();
     assert_eq!(
         listed,
-        ["/etc/default/registrar", "/etc/registrar/registrar.yaml"],
+        [
+            "/etc/default/registrar",
+            "/etc/default/registrar-dns",
+            "/etc/registrar/dns.yaml",
+            "/etc/registrar/registrar.yaml",
+            "/etc/registrar/render.yaml",
+            "/etc/registrar/templates/haproxy.cfg.j2",
+        ],
         "{conffiles}"
     );
     // Installed, not started: the scripts are debhelper's systemd snippets,
@@ -256,4 +274,66 @@ fn the_packaged_binary_runs_and_its_config_is_a_commented_template() {
             assert!(text(&out).contains(missing), "{}", text(&out));
         }
     }
+}
+
+/// The render and dns units work from the shipped files: dns's config is
+/// valid as it is; render's lists no template, and says which file to edit
+/// (exit 78, so systemd does not restart it in a loop). The shipped
+/// haproxy template is where render.yaml's example points, and parses.
+#[test]
+fn the_shipped_render_and_dns_configs_say_what_to_edit_or_just_work() {
+    let root = unpacked();
+    let bin = root.path().join("usr/bin/registrar");
+    let etc = root.path().join("etc/registrar");
+    let check = |file: &str, for_: &str| {
+        run(Command::new(&bin)
+            .args(["check-config", "--for", for_, "--config"])
+            .arg(etc.join(file))
+            .env_clear())
+    };
+    let out = check("dns.yaml", "dns");
+    assert!(out.status.success(), "{}", text(&out));
+    let out = check("render.yaml", "render");
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "no templates in {}: add a `templates:` list there, or uncomment the example in it",
+            etc.join("render.yaml").display()
+        )),
+        "{}",
+        text(&out)
+    );
+    let render = std::fs::read_to_string(etc.join("render.yaml")).unwrap();
+    assert!(
+        render.contains("#  - source: /etc/registrar/templates/haproxy.cfg.j2"),
+        "{render}"
+    );
+    // The example, uncommented and pointed at the unpacked tree, checks.
+    let example = render
+        .lines()
+        .skip_while(|l| !l.starts_with("#templates:"))
+        .take_while(|l| l.starts_with('#') && !l.contains("prometheus"))
+        .map(|l| l.trim_start_matches('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(
+            "/etc/registrar/templates",
+            &etc.join("templates").to_string_lossy(),
+        )
+        .replace(
+            "/etc/haproxy/haproxy.cfg",
+            &root.path().join("haproxy.cfg").to_string_lossy(),
+        )
+        .replace("[systemctl, reload, haproxy]", "[\"true\"]")
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("- source: /usr/share") && !l.contains("file_sd"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let uncommented = root.path().join("render-example.yaml");
+    std::fs::write(&uncommented, format!("{example}\n")).unwrap();
+    let out = run(Command::new(&bin)
+        .args(["check-config", "--for", "render", "--config"])
+        .arg(&uncommented)
+        .env("PATH", std::env::var("PATH").unwrap_or_default()));
+    assert!(out.status.success(), "{example}\n{}", text(&out));
 }

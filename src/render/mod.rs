@@ -244,8 +244,16 @@ impl Slot {
 /// How often servers removed at runtime are tried for deletion.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-const NO_TEMPLATES: &str =
-    "no templates: add a `templates:` list to the config file (see README \"Rendering configs\")";
+/// What render says when there is nothing to render: which file to edit.
+fn no_templates(config: &Config) -> String {
+    match &config.source {
+        Some(file) => format!(
+            "no templates in {}: add a `templates:` list there, or uncomment the example in it (see README \"Rendering configs\")",
+            file.display()
+        ),
+        None => "no templates: give render a config file (--config) with a `templates:` list (see README \"Rendering configs\")".into(),
+    }
+}
 
 /// The `ip` key of a host: a key under everything a template that reads
 /// the host looked at.
@@ -295,7 +303,7 @@ fn show_holds(slots: &[Slot], metrics: &RenderMetrics, now: Instant) {
 /// first problem.
 fn load_all(config: &Config) -> Result<Vec<Slot>, RenderError> {
     if config.templates.is_empty() {
-        return Err(RenderError::Config(NO_TEMPLATES.into()));
+        return Err(RenderError::Config(no_templates(config)));
     }
     config.templates.iter().map(Slot::load).collect()
 }
@@ -304,7 +312,7 @@ fn load_all(config: &Config) -> Result<Vec<Slot>, RenderError> {
 /// none at all, or each one that cannot be read or does not parse.
 pub fn check_templates(config: &Config) -> Vec<String> {
     if config.templates.is_empty() {
-        return vec![NO_TEMPLATES.into()];
+        return vec![no_templates(config)];
     }
     config
         .templates

@@ -125,6 +125,7 @@ async fn soak() {
     assert!(!allowed.is_empty(), "SOAK_FAULTS names no fault kind");
     eprintln!("soak: {agents} agents, {minutes} min, TTL {ttl}s, seed {seed}");
     let mut rng = Rng(seed);
+    let mut big_rng = Rng(seed ^ 0x9e37_79b9_7f4a_7c15 | 1);
 
     let mut cluster = Cluster::start(3).await;
     let meter = RevokeMeter::start(cluster.endpoints());
@@ -184,93 +185,95 @@ async fn soak() {
     while Instant::now() < deadline {
         tokio::time::sleep(rng.between(Duration::from_secs(2), Duration::from_secs(8))).await;
         let hold = rng.between(Duration::from_millis(500), ttl_d * 2);
-        // The four classic faults alone draw as before, so an old seed
-        // replays its run; with wipes and replaced clusters allowed, each
-        // of those is a quarter as likely as each classic fault.
-        let classic_only = allowed.iter().all(|k| *k < 4);
-        let kind = loop {
-            let k = if classic_only {
-                rng.below(4)
-            } else {
-                match rng.below(18) {
-                    w @ 0..16 => w / 4,
-                    16 => 4,
-                    _ => 5,
+        // The four classic faults draw from `rng` as they always did, so a
+        // seed replays its classic faults whether or not wipes and replaced
+        // clusters are allowed. Those come from a second stream: after one
+        // classic fault in eight, one of them (half wipes, half replaced
+        // clusters), so each is a quarter as likely as each classic fault.
+        let classic: Vec<u64> = allowed.iter().copied().filter(|k| *k < 4).collect();
+        let big: Vec<u64> = allowed.iter().copied().filter(|k| *k >= 4).collect();
+        let mut faults = Vec::new();
+        if !classic.is_empty() {
+            let kind = loop {
+                let k = rng.below(4);
+                if classic.contains(&k) {
+                    break k;
                 }
             };
-            if allowed.contains(&k) {
-                break k;
-            }
-        };
-        let fault = match kind {
-            0 => Fault::KillMember(rng.below(3) as usize),
-            1 => {
-                let member = rng.below(3) as usize;
-                let leader = cluster.try_leader((member + 1) % 3).await == Some(member);
-                Fault::PauseMember { member, leader }
-            }
-            2 => {
-                let k = 1 + rng.below(5) as usize;
-                Fault::Partition((0..k).map(|_| rng.below(agents as u64) as usize).collect())
-            }
-            3 => Fault::RestartAgent(rng.below(agents as u64) as usize),
-            4 => Fault::Wipe,
-            _ => Fault::Replace,
-        };
-        let start = Instant::now();
-        match &fault {
-            Fault::KillMember(i) => {
-                cluster.kill(*i);
-                tokio::time::sleep(hold).await;
-                cluster.start_members(&[*i]).await;
-            }
-            Fault::PauseMember { member, .. } => {
-                cluster.signal(*member, Signal::SIGSTOP);
-                tokio::time::sleep(hold).await;
-                cluster.signal(*member, Signal::SIGCONT);
-            }
-            Fault::Partition(which) => {
-                which
-                    .iter()
-                    .for_each(|&a| hosts[a].proxies.iter().for_each(|p| p.block(true)));
-                tokio::time::sleep(hold).await;
-                which
-                    .iter()
-                    .for_each(|&a| hosts[a].proxies.iter().for_each(|p| p.block(false)));
-            }
-            Fault::RestartAgent(a) => {
-                let h = &mut hosts[*a];
-                h.agent.signal(Signal::SIGTERM);
-                let _ = h.agent.wait_exit(Duration::from_secs(15)).await;
-                let eps = proxy::endpoint_list(&h.proxies);
-                h.agent = spawn_agent(&eps, &h.name, &h.machine_id, ttl);
-            }
-            Fault::Wipe => {
-                let mut c = cluster.client().await;
-                let _ = c
-                    .delete(
-                        "/infrastructure/soak/",
-                        Some(etcd_client::DeleteOptions::new().with_prefix()),
-                    )
-                    .await;
-            }
-            Fault::Replace => cluster.wipe_all_and_restart().await,
+            faults.push(match kind {
+                0 => Fault::KillMember(rng.below(3) as usize),
+                1 => {
+                    let member = rng.below(3) as usize;
+                    let leader = cluster.try_leader((member + 1) % 3).await == Some(member);
+                    Fault::PauseMember { member, leader }
+                }
+                2 => {
+                    let k = 1 + rng.below(5) as usize;
+                    Fault::Partition((0..k).map(|_| rng.below(agents as u64) as usize).collect())
+                }
+                _ => Fault::RestartAgent(rng.below(agents as u64) as usize),
+            });
         }
-        let end = Instant::now();
-        let big = matches!(fault, Fault::Wipe | Fault::Replace);
-        injected.push(Injected { fault, start, end });
-        if big {
-            // The consumers follow the registry again within settle + 5 s.
-            let c = cluster.client().await;
-            if let Err(why) = consumers
-                .follow_registry(&c, agents, settle_d + Duration::from_secs(5))
-                .await
-            {
-                not_converged.push(format!(
-                    "+{:?} after {:?}: {why}",
-                    end.duration_since(started),
-                    injected.last().map(|i| &i.fault)
-                ));
+        if !big.is_empty() && (classic.is_empty() || big_rng.below(8) == 0) {
+            let k = big[big_rng.below(big.len() as u64) as usize];
+            faults.push(if k == 4 { Fault::Wipe } else { Fault::Replace });
+        }
+        for fault in faults {
+            let start = Instant::now();
+            match &fault {
+                Fault::KillMember(i) => {
+                    cluster.kill(*i);
+                    tokio::time::sleep(hold).await;
+                    cluster.start_members(&[*i]).await;
+                }
+                Fault::PauseMember { member, .. } => {
+                    cluster.signal(*member, Signal::SIGSTOP);
+                    tokio::time::sleep(hold).await;
+                    cluster.signal(*member, Signal::SIGCONT);
+                }
+                Fault::Partition(which) => {
+                    which
+                        .iter()
+                        .for_each(|&a| hosts[a].proxies.iter().for_each(|p| p.block(true)));
+                    tokio::time::sleep(hold).await;
+                    which
+                        .iter()
+                        .for_each(|&a| hosts[a].proxies.iter().for_each(|p| p.block(false)));
+                }
+                Fault::RestartAgent(a) => {
+                    let h = &mut hosts[*a];
+                    h.agent.signal(Signal::SIGTERM);
+                    let _ = h.agent.wait_exit(Duration::from_secs(15)).await;
+                    let eps = proxy::endpoint_list(&h.proxies);
+                    h.agent = spawn_agent(&eps, &h.name, &h.machine_id, ttl);
+                }
+                Fault::Wipe => {
+                    let mut c = cluster.client().await;
+                    let _ = c
+                        .delete(
+                            "/infrastructure/soak/",
+                            Some(etcd_client::DeleteOptions::new().with_prefix()),
+                        )
+                        .await;
+                }
+                Fault::Replace => cluster.wipe_all_and_restart().await,
+            }
+            let end = Instant::now();
+            let big = matches!(fault, Fault::Wipe | Fault::Replace);
+            injected.push(Injected { fault, start, end });
+            if big {
+                // The consumers follow the registry again within settle + 5 s.
+                let c = cluster.client().await;
+                if let Err(why) = consumers
+                    .follow_registry(&c, agents, settle_d + Duration::from_secs(5))
+                    .await
+                {
+                    not_converged.push(format!(
+                        "+{:?} after {:?}: {why}",
+                        end.duration_since(started),
+                        injected.last().map(|i| &i.fault)
+                    ));
+                }
             }
         }
     }
