@@ -8,15 +8,23 @@
 //! - `_<service>._tcp.<role>.<dc>` → SRV, one per usable host publishing
 //!   the service, with the targets' addresses as additional records,
 //!   withheld until `srv_min` hosts publish it;
-//! - every name above them (`<dc>`, `_tcp.<role>.<dc>`) exists without
-//!   records, so a resolver caches no NXDOMAIN for a whole subtree
-//!   (RFC 8020).
+//! - every name above them (`<dc>`, `_tcp.<role>.<dc>`, the parents of a
+//!   dotted host name) exists without records: NODATA, so a resolver
+//!   caches no NXDOMAIN for a whole subtree (RFC 8020);
+//! - zone transfers (AXFR, IXFR) are refused.
 //!
-//! A change costs the hosts it touched and their roles, not the registry:
-//! each host's records are built once and kept; a role's names are put
-//! together again from them. Every name records who put its records there
-//! (a host, or a role), so names that differ only in case, or that two
-//! entries happen to share, hold both and lose only their own part.
+//! A host has no name of its own (and so no SRV record; it is still in its
+//! role's answers, and the log says why, once) when its name is not a DNS
+//! name, has a label starting with `_` (that is where SRV names live), or
+//! differs only in case from another host's in the role: names are
+//! case-insensitive (RFC 4343), so the first in the registry's order keeps
+//! the name and the other is reported, never merged into one answer.
+//!
+//! A change costs the hosts it touched (and their case siblings) and their
+//! roles, not the registry: each host's records are built once and kept; a
+//! role's names are put together again from them. Every name records who
+//! put its records there (a host, or a role), so a name two entries happen
+//! to share holds both and each loses only its own part.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -127,14 +135,17 @@ struct Node {
     parts: Vec<(Owner, Arc<Records>)>,
 }
 
+/// A record and its wire form.
+type Wire = (Arc<Record>, Option<Chunk>);
+
 /// One host's records, built when the host changes, each with its chunk.
 #[derive(Debug)]
 struct HostEntry {
-    name: LowerName,
-    /// Its address under its own name.
-    addr: (Arc<Record>, Option<Chunk>),
+    /// Its own name and its address there; `None` when it has none (see
+    /// [`Zone::own_name`]): it is then only in its role's answers.
+    own: Option<(LowerName, Wire)>,
     /// Its address under its role's name.
-    role_addr: (Arc<Record>, Option<Chunk>),
+    role_addr: Wire,
     /// Passing and not in maintenance (or warning, with allow_warning).
     usable: bool,
     srv: Vec<ServiceRecords>,
@@ -200,9 +211,12 @@ pub struct Zone {
     nodes: HashMap<LowerName, Node>,
     hosts: HashMap<HostId, Arc<HostEntry>>,
     roles: HashMap<RoleKey, RoleEntry>,
-    /// Host entries whose names are not valid DNS names (a label over 63
-    /// bytes, a name over 255): served under no name.
-    unnamed: BTreeSet<HostId>,
+    /// Host entries served under no name of their own, and why (said once).
+    unnamed: BTreeMap<HostId, String>,
+    /// Names with no records whose subtree has some (a dotted host name's
+    /// parents): they answer NODATA, not NXDOMAIN (RFC 8020). How many
+    /// names below each one holds.
+    empty: HashMap<LowerName, usize>,
     /// The registry revision the zone was built at.
     pub revision: i64,
 }
@@ -241,7 +255,8 @@ impl Zone {
             nodes,
             hosts: HashMap::new(),
             roles: HashMap::new(),
-            unnamed: BTreeSet::new(),
+            unnamed: BTreeMap::new(),
+            empty: HashMap::new(),
             revision: 0,
         }
     }
@@ -262,8 +277,20 @@ impl Zone {
         touched: impl IntoIterator<Item = &'a HostId>,
         revision: i64,
     ) {
-        let mut roles = BTreeSet::new();
+        // A host's name may pass to another that differs only in case: its
+        // siblings of that kind are refreshed with it.
+        let mut hosts: BTreeSet<HostId> = BTreeSet::new();
         for id in touched {
+            hosts.insert(id.clone());
+            hosts.extend(
+                registry
+                    .in_role(&id.dc, &id.role)
+                    .filter(|o| o.host.eq_ignore_ascii_case(&id.host))
+                    .cloned(),
+            );
+        }
+        let mut roles = BTreeSet::new();
+        for id in &hosts {
             self.refresh_host(registry, id);
             roles.insert((id.dc.clone(), id.role.clone()));
         }
@@ -275,6 +302,11 @@ impl Zone {
     }
 
     fn put(&mut self, name: LowerName, owner: Owner, records: Records) {
+        if !self.nodes.contains_key(&name) {
+            for parent in self.parents(&name) {
+                *self.empty.entry(parent).or_default() += 1;
+            }
+        }
         self.nodes
             .entry(name)
             .or_default()
@@ -287,7 +319,57 @@ impl Zone {
             node.parts.retain(|(o, _)| o != owner);
             if node.parts.is_empty() {
                 self.nodes.remove(name);
+                for parent in self.parents(name) {
+                    if let Some(n) = self.empty.get_mut(&parent) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.empty.remove(&parent);
+                        }
+                    }
+                }
             }
+        }
+    }
+
+    /// The names between `name` and the apex, both left out.
+    fn parents(&self, name: &LowerName) -> Vec<LowerName> {
+        let apex = self.settings.domain.num_labels();
+        let mut n = Name::from(name.clone());
+        let mut out = Vec::new();
+        while n.num_labels() > apex + 1 {
+            n = n.base_name();
+            out.push(LowerName::from(&n));
+        }
+        out
+    }
+
+    /// The name a host answers under, or why it has none: a name that is
+    /// not a DNS name, a label starting with `_` (service names like
+    /// `_http._tcp` are SRV's), or one that differs only in case from
+    /// another host's in the role (RFC 4343: they are one name; the first
+    /// in the registry's order keeps it, the other is reported).
+    fn own_name(&self, registry: &dyn Hosts, id: &HostId) -> Result<Name, String> {
+        if id.host.split('.').any(|l| l.starts_with('_')) {
+            return Err("a label of its name starts with `_`, which marks service names such as `_http._tcp`".into());
+        }
+        let Some(name) = name_under(&[&id.host, &id.role, &id.dc], &self.settings.domain) else {
+            return Err(
+                "its name is not a DNS name (a label over 63 bytes or a name over 255)".into(),
+            );
+        };
+        let first = registry
+            .in_role(&id.dc, &id.role)
+            .filter(|o| o.host.eq_ignore_ascii_case(&id.host))
+            .find(|o| {
+                registry
+                    .host(o)
+                    .is_some_and(|h| h.present() && h.ip.is_some())
+            });
+        match first {
+            Some(first) if first != id => Err(format!(
+                "its name differs only in case from host {first}'s, which is one DNS name (RFC 4343) and answers {first}'s address"
+            )),
+            _ => Ok(name),
         }
     }
 
@@ -300,8 +382,10 @@ impl Zone {
     }
 
     fn refresh_host(&mut self, registry: &dyn Hosts, id: &HostId) {
-        if let Some(old) = self.hosts.remove(id) {
-            self.take(&old.name, &Owner::Host(id.clone()));
+        if let Some(old) = self.hosts.remove(id)
+            && let Some((name, _)) = &old.own
+        {
+            self.take(name, &Owner::Host(id.clone()));
         }
         let Some((host, ip)) = registry
             .host(id)
@@ -313,47 +397,57 @@ impl Zone {
         };
         let domain = &self.settings.domain;
         let ttl = self.settings.ttl;
-        let names = (
-            name_under(&[&id.host, &id.role, &id.dc], domain),
-            name_under(&[&id.role, &id.dc], domain),
-        );
-        let (Some(host_name), Some(role_name)) = names else {
-            if self.unnamed.insert(id.clone()) {
-                tracing::warn!(
-                    host = %id,
-                    "this host entry's name is not a DNS name (a label over 63 bytes or a name over 255); it is served under no name"
-                );
-            }
+        let Some(role_name) = name_under(&[&id.role, &id.dc], domain) else {
+            self.no_name(
+                id,
+                "its role's name is not a DNS name (a label over 63 bytes or a name over 255)"
+                    .into(),
+            );
             return;
         };
-        self.unnamed.remove(id);
         let qtype = if ip.is_ipv6() {
             RecordType::AAAA
         } else {
             RecordType::A
         };
-        let addr = address(&host_name, ip, ttl);
-        let srv = host
-            .services
-            .iter()
-            .filter_map(|(service, port)| {
-                let name = name_under(&[&format!("_{service}"), "_tcp"], &role_name)?;
-                let rdata = RData::SRV(SRV::new(10, 10, *port, host_name.clone()));
-                let record = Record::from_rdata(name.clone(), ttl, rdata);
-                Some(ServiceRecords {
-                    service: service.clone(),
-                    target: chunk(&name, RecordType::SRV, &addr),
-                    srv: (
-                        Arc::new(record.clone()),
-                        chunk(&name, RecordType::SRV, &record),
-                    ),
+        let own = match self.own_name(registry, id) {
+            Ok(name) => {
+                self.unnamed.remove(id);
+                Some(name)
+            }
+            Err(why) => {
+                self.no_name(id, why);
+                None
+            }
+        };
+        let addr = own.as_ref().map(|n| address(n, ip, ttl));
+        let srv = match (&own, &addr) {
+            (Some(host_name), Some(addr)) => host
+                .services
+                .iter()
+                .filter_map(|(service, port)| {
+                    let name = name_under(&[&format!("_{service}"), "_tcp"], &role_name)?;
+                    let rdata = RData::SRV(SRV::new(10, 10, *port, host_name.clone()));
+                    let record = Record::from_rdata(name.clone(), ttl, rdata);
+                    Some(ServiceRecords {
+                        service: service.clone(),
+                        target: chunk(&name, RecordType::SRV, addr),
+                        srv: (
+                            Arc::new(record.clone()),
+                            chunk(&name, RecordType::SRV, &record),
+                        ),
+                    })
                 })
-            })
-            .collect();
+                .collect(),
+            // No name: no SRV target either.
+            _ => Vec::new(),
+        };
         let role_addr = address(&role_name, ip, ttl);
         let entry = HostEntry {
-            name: LowerName::from(&host_name),
-            addr: (Arc::new(addr.clone()), chunk(&host_name, qtype, &addr)),
+            own: own.zip(addr).map(|(name, addr)| {
+                let wire = chunk(&name, qtype, &addr);
+                (LowerName::from(&name), (Arc::new(addr), wire))
+            }),
             role_addr: (
                 Arc::new(role_addr.clone()),
                 chunk(&role_name, qtype, &role_addr),
@@ -361,10 +455,24 @@ impl Zone {
             usable: self.usable(host),
             srv,
         };
-        let mut records = Records::default();
-        records.push_address(entry.addr.0.clone(), entry.addr.1.as_ref());
-        self.put(entry.name.clone(), Owner::Host(id.clone()), records);
+        if let Some((name, addr)) = &entry.own {
+            let mut records = Records::default();
+            records.push_address(addr.0.clone(), addr.1.as_ref());
+            self.put(name.clone(), Owner::Host(id.clone()), records);
+        }
         self.hosts.insert(id.clone(), Arc::new(entry));
+    }
+
+    /// Records that host `id` is served under no name of its own, saying
+    /// why once (and again when the reason changes).
+    fn no_name(&mut self, id: &HostId, why: String) {
+        if self.unnamed.get(id) != Some(&why) {
+            tracing::warn!(
+                host = %id,
+                "this host has no DNS name of its own: {why}; it is answered only under its role's name"
+            );
+            self.unnamed.insert(id.clone(), why);
+        }
     }
 
     fn refresh_role(&mut self, registry: &dyn Hosts, key: &RoleKey) {
@@ -427,7 +535,9 @@ impl Zone {
                 for (s, h) in usable {
                     records.srv.push(s.srv.0.clone());
                     records.wired(WIRE_SRV, s.srv.1.as_ref());
-                    records.targets.push(h.addr.0.clone());
+                    if let Some((_, addr)) = &h.own {
+                        records.targets.push(addr.0.clone());
+                    }
                     records.wired(WIRE_TARGETS, s.target.as_ref());
                 }
             }
@@ -523,7 +633,14 @@ impl Zone {
         if !self.domain.zone_of(name) {
             return Answer::Refused;
         }
+        // Zone transfers are not served: the registry is read from etcd.
+        if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+            return Answer::Refused;
+        }
         let Some(node) = self.nodes.get(name) else {
+            if self.empty.contains_key(name) {
+                return Answer::NoData;
+            }
             return Answer::NxDomain;
         };
         let apex = *name == self.domain;
@@ -777,7 +894,7 @@ mod tests {
     }
 
     #[test]
-    fn names_that_dns_cannot_carry_are_listed_not_served() {
+    fn hosts_without_a_name_of_their_own_still_answer_under_their_role() {
         let mut r = Registry::default();
         let long = "h".repeat(64);
         host(
@@ -785,12 +902,121 @@ mod tests {
             &format!("dc1/web/{long}"),
             "10.0.0.9",
             "passing",
-            &[],
+            &[("http", 80)],
         );
+        // A host named like a service name gets no A on the SRV name.
+        host(
+            &mut r,
+            "dc1/web/_http._tcp",
+            "10.0.0.8",
+            "passing",
+            &[("http", 80)],
+        );
+        host(&mut r, "dc1/web/w1", "10.0.0.7", "passing", &[("http", 80)]);
         let z = Zone::build(&r, 1, settings());
-        assert_eq!(z.unnamed(), 1);
+        assert_eq!(z.unnamed(), 2);
+        assert_eq!(
+            rdata(&q(&z, "web.dc1.registry.internal.", RecordType::A)),
+            ["10.0.0.7", "10.0.0.8", "10.0.0.9"]
+        );
         assert!(matches!(
-            q(&z, "web.dc1.registry.internal.", RecordType::A),
+            q(&z, "_http._tcp.web.dc1.registry.internal.", RecordType::A),
+            Answer::NoData
+        ));
+        // No name, so no SRV target: only w1.
+        assert_eq!(
+            rdata(&q(
+                &z,
+                "_http._tcp.web.dc1.registry.internal.",
+                RecordType::SRV
+            )),
+            ["10 10 80 w1.web.dc1.registry.internal."]
+        );
+    }
+
+    #[test]
+    fn names_that_differ_only_in_case_are_one_name_never_merged() {
+        let mut r = Registry::default();
+        host(
+            &mut r,
+            "dc1/web/upper",
+            "10.0.0.2",
+            "passing",
+            &[("http", 80)],
+        );
+        host(
+            &mut r,
+            "dc1/web/UPPER",
+            "10.0.0.1",
+            "passing",
+            &[("http", 80)],
+        );
+        let mut z = Zone::build(&r, 1, settings());
+        // The first in the registry's order (UPPER) keeps the name.
+        assert_eq!(
+            rdata(&q(&z, "upper.web.dc1.registry.internal.", RecordType::A)),
+            ["10.0.0.1"]
+        );
+        assert_eq!(z.unnamed(), 1);
+        assert_eq!(
+            rdata(&q(
+                &z,
+                "_http._tcp.web.dc1.registry.internal.",
+                RecordType::SRV
+            )),
+            ["10 10 80 UPPER.web.dc1.registry.internal."]
+        );
+        // Both are hosts of the role.
+        assert_eq!(
+            rdata(&q(&z, "web.dc1.registry.internal.", RecordType::A)),
+            ["10.0.0.1", "10.0.0.2"]
+        );
+        // When UPPER goes, upper takes the name.
+        let gone = HostId {
+            dc: "dc1".into(),
+            role: "web".into(),
+            host: "UPPER".into(),
+        };
+        r.hosts.remove(&gone);
+        z.apply(&r, [&gone], 2);
+        assert_eq!(
+            rdata(&q(&z, "upper.web.dc1.registry.internal.", RecordType::A)),
+            ["10.0.0.2"]
+        );
+        assert_eq!(z.unnamed(), 0);
+    }
+
+    #[test]
+    fn names_that_exist_below_answer_nodata_and_transfers_are_refused() {
+        let mut r = Registry::default();
+        host(&mut r, "dc1/web/a.b", "10.0.0.3", "passing", &[]);
+        let mut z = Zone::build(&r, 1, settings());
+        assert_eq!(
+            rdata(&q(&z, "a.b.web.dc1.registry.internal.", RecordType::A)),
+            ["10.0.0.3"]
+        );
+        // b.web.dc1 has no records but a name below it: NODATA (RFC 8020).
+        assert!(matches!(
+            q(&z, "b.web.dc1.registry.internal.", RecordType::A),
+            Answer::NoData
+        ));
+        assert!(matches!(
+            q(&z, "c.web.dc1.registry.internal.", RecordType::A),
+            Answer::NxDomain
+        ));
+        for t in [RecordType::AXFR, RecordType::IXFR] {
+            assert!(matches!(q(&z, "registry.internal.", t), Answer::Refused));
+        }
+        // Gone with the host.
+        let id = HostId {
+            dc: "dc1".into(),
+            role: "web".into(),
+            host: "a.b".into(),
+        };
+        r.hosts.remove(&id);
+        z.apply(&r, [&id], 2);
+        assert!(matches!(
+            q(&z, "b.web.dc1.registry.internal.", RecordType::A),
             Answer::NxDomain
         ));
     }

@@ -1198,3 +1198,123 @@ async fn watch_counts(cluster: &Cluster) -> Vec<u64> {
     }
     v
 }
+
+/// Contract section 7's corner cases, asked with dig: names differing only
+/// in case are one name (never merged), a name with names below it is
+/// NODATA, a host named like a service name gets no A there, a host whose
+/// name is too long for DNS is still in its role's answer, and zone
+/// transfers are refused.
+#[tokio::test]
+async fn dig_corner_cases_case_conflicts_empty_parents_service_labels_long_names_and_axfr() {
+    let long = format!("dc1/web/{}", "h".repeat(64));
+    let hosts = vec![
+        Host {
+            path: "dc1/web/UPPER",
+            ip: "10.0.1.1",
+            health: "passing",
+            services: &[],
+        },
+        Host {
+            path: "dc1/web/upper",
+            ip: "10.0.1.2",
+            health: "passing",
+            services: &[],
+        },
+        Host {
+            path: "dc1/web/a.b",
+            ip: "10.0.1.3",
+            health: "passing",
+            services: &[],
+        },
+        Host {
+            path: "dc1/web/_http._tcp",
+            ip: "10.0.1.4",
+            health: "passing",
+            services: &[("http", 80)],
+        },
+        Host {
+            path: "dc1/web/w1",
+            ip: "10.0.1.5",
+            health: "passing",
+            services: &[("http", 80)],
+        },
+        Host {
+            path: &long,
+            ip: "10.0.1.6",
+            health: "passing",
+            services: &[],
+        },
+    ];
+    let (cluster, _c, _lease) = registry(1, &hosts).await;
+    let port = free_port();
+    let dns = dns(&cluster.endpoint_list(), port, &[]).await;
+
+    // One name, one answer: the first in the registry's order keeps it.
+    for spelling in ["upper", "UPPER", "Upper"] {
+        let d = dig(
+            port,
+            &[&format!("{spelling}.web.dc1.registry.internal"), "A"],
+        )
+        .await;
+        assert_eq!(d.data(), ["10.0.1.1".to_string()].into(), "{}", d.raw);
+    }
+    // The parent of a dotted host name exists, without records.
+    let d = dig(port, &["b.web.dc1.registry.internal", "A"]).await;
+    assert_eq!(
+        (d.status.as_str(), d.answer.len()),
+        ("NOERROR", 0),
+        "{}",
+        d.raw
+    );
+    assert_eq!(
+        dig(port, &["a.b.web.dc1.registry.internal", "A"])
+            .await
+            .data(),
+        ["10.0.1.3".to_string()].into()
+    );
+    // No A on the SRV name; the SRV lists only hosts with a name.
+    let d = dig(port, &["_http._tcp.web.dc1.registry.internal", "A"]).await;
+    assert_eq!(
+        (d.status.as_str(), d.answer.len()),
+        ("NOERROR", 0),
+        "{}",
+        d.raw
+    );
+    let d = dig(port, &["_http._tcp.web.dc1.registry.internal", "SRV"]).await;
+    assert_eq!(d.answer.len(), 1, "{}", d.raw);
+    assert!(
+        d.answer[0].ends_with("w1.web.dc1.registry.internal."),
+        "{}",
+        d.raw
+    );
+    // Every host is in the role's answer, the nameless ones too.
+    let d = dig(port, &["+tcp", "web.dc1.registry.internal", "A"]).await;
+    assert_eq!(
+        d.data(),
+        [
+            "10.0.1.1", "10.0.1.2", "10.0.1.3", "10.0.1.4", "10.0.1.5", "10.0.1.6"
+        ]
+        .map(String::from)
+        .into(),
+        "{}",
+        d.raw
+    );
+    // Zone transfers: refused.
+    let d = dig(port, &["registry.internal", "AXFR"]).await;
+    assert!(
+        d.raw.contains("REFUSED") || d.raw.contains("Transfer failed"),
+        "{}",
+        d.raw
+    );
+    let d = dig(port, &["+tcp", "registry.internal", "IXFR=1"]).await;
+    assert!(
+        d.raw.contains("REFUSED") || d.raw.contains("Transfer failed"),
+        "{}",
+        d.raw
+    );
+    // Each nameless host is said once, with why.
+    let log = dns.log();
+    for why in ["differs only in case", "starts with `_`", "not a DNS name"] {
+        assert_eq!(log.matches(why).count(), 1, "{why}:\n{log}");
+    }
+}
