@@ -186,6 +186,11 @@ pub struct DnsArgs {
         value_parser = parse_domain
     )]
     pub domain: String,
+    /// The name server the zone's NS and SOA name. Default: ns.<domain>,
+    /// answered with the listen addresses (give this when they are
+    /// 0.0.0.0 or [::], or when the server is known by another name).
+    #[arg(long = "ns-name", env = "REGISTRAR_DNS_NS_NAME", value_parser = parse_domain, value_name = "NAME")]
+    pub ns_name: Option<String>,
     /// TTL of answers and of negative caching (NXDOMAIN), in whole seconds.
     #[arg(long = "ttl", env = "REGISTRAR_DNS_TTL", default_value = "5s", value_parser = parse_dns_ttl, value_name = "DURATION")]
     pub answer_ttl: Duration,

@@ -16,7 +16,39 @@ pub async fn run(config: Config, args: &DnsArgs, control: Control) -> Result<(),
                 anyhow::anyhow!("--domain {:?} is not a DNS name: {e}", args.domain),
             )
         })?;
+    let (ns, ns_addrs) = match &args.ns_name {
+        Some(name) => (
+            hickory_server::proto::rr::Name::from_ascii(format!("{name}.")).map_err(|e| {
+                Failure::new(
+                    exit::USAGE,
+                    anyhow::anyhow!("--ns-name {name:?} is not a DNS name: {e}"),
+                )
+            })?,
+            Vec::new(),
+        ),
+        None => {
+            let addrs: Vec<std::net::IpAddr> = args
+                .listen
+                .iter()
+                .map(|a| a.ip())
+                .filter(|ip| !ip.is_unspecified())
+                .collect();
+            if addrs.is_empty() {
+                tracing::warn!(
+                    "ns.{} has no address: every --listen is 0.0.0.0 or [::]; give --ns-name the name this server is known by",
+                    args.domain
+                );
+            }
+            let ns = hickory_server::proto::rr::Name::from_ascii(format!("ns.{}.", args.domain))
+                .map_err(|e| {
+                    Failure::new(exit::USAGE, anyhow::anyhow!("ns.{}: {e}", args.domain))
+                })?;
+            (ns, addrs)
+        }
+    };
     let settings = Settings {
+        ns,
+        ns_addrs,
         domain,
         // parse_dns_ttl keeps it to whole seconds, at most a day.
         ttl: u32::try_from(args.answer_ttl.as_secs()).unwrap_or(86_400),

@@ -513,6 +513,8 @@ mod tests {
                 ttl: 5,
                 allow_warning: false,
                 srv_min: Default::default(),
+                ns: Name::from_ascii("ns.registry.internal.").unwrap(),
+                ns_addrs: Vec::new(),
             },
         )
     }

@@ -31,7 +31,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use hickory_server::proto::op::Query;
-use hickory_server::proto::rr::rdata::{A, AAAA, SOA, SRV};
+use hickory_server::proto::rr::rdata::{A, AAAA, NS, SOA, SRV};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder};
 use rand::seq::SliceRandom;
@@ -53,6 +53,10 @@ pub struct Settings {
     /// `<role>.<dc>` (lower case) → usable hosts needed before that role's
     /// SRV records are served.
     pub srv_min: BTreeMap<String, usize>,
+    /// The name server the apex's NS and the SOA name.
+    pub ns: Name,
+    /// Its addresses, answered at `ns` when it is under the domain.
+    pub ns_addrs: Vec<IpAddr>,
 }
 
 /// A role of a DC, as the registry spells it.
@@ -208,6 +212,8 @@ pub struct Zone {
     settings: Arc<Settings>,
     domain: LowerName,
     soa: Record,
+    /// The apex's NS record.
+    ns: Record,
     nodes: HashMap<LowerName, Node>,
     hosts: HashMap<HostId, Arc<HostEntry>>,
     roles: HashMap<RoleKey, RoleEntry>,
@@ -240,25 +246,38 @@ impl Zone {
     /// NXDOMAIN.
     pub fn new(settings: Settings) -> Zone {
         let domain = LowerName::from(&settings.domain);
-        let mut nodes = HashMap::new();
-        nodes.insert(
-            domain.clone(),
-            Node {
-                parts: vec![(Owner::Apex, Arc::new(Records::default()))],
-            },
-        );
         let soa = soa(&settings, 0);
-        Zone {
+        let ns = Record::from_rdata(
+            settings.domain.clone(),
+            settings.ttl,
+            RData::NS(NS(settings.ns.clone())),
+        );
+        let mut zone = Zone {
             settings: Arc::new(settings),
-            domain,
+            domain: domain.clone(),
             soa,
-            nodes,
+            ns,
+            nodes: HashMap::new(),
             hosts: HashMap::new(),
             roles: HashMap::new(),
             unnamed: BTreeMap::new(),
             empty: HashMap::new(),
             revision: 0,
+        };
+        zone.put(domain, Owner::Apex, Records::default());
+        // The name server's own name resolves, when it is ours to answer.
+        let ns_name = zone.settings.ns.clone();
+        if zone.domain.zone_of(&LowerName::from(&ns_name)) && !zone.settings.ns_addrs.is_empty() {
+            let mut records = Records::default();
+            for ip in zone.settings.ns_addrs.clone() {
+                let record = address(&ns_name, ip, zone.settings.ttl);
+                let qtype = record.record_type();
+                let wire = chunk(&ns_name, qtype, &record);
+                records.push_address(Arc::new(record), wire.as_ref());
+            }
+            zone.put(LowerName::from(&ns_name), Owner::Apex, records);
         }
+        zone
     }
 
     /// Every answer for the registry at `revision`.
@@ -655,12 +674,14 @@ impl Zone {
                 additionals.extend(parts().flat_map(|r| r.targets.iter().map(|a| &**a)));
             }
             RecordType::SOA if apex => answers.push(&self.soa),
+            RecordType::NS if apex => answers.push(&self.ns),
             RecordType::ANY => {
                 answers.extend(
                     parts().flat_map(|r| r.a.iter().chain(&r.aaaa).chain(&r.srv).map(|a| &**a)),
                 );
                 if apex {
                     answers.push(&self.soa);
+                    answers.push(&self.ns);
                 }
                 additionals.extend(parts().flat_map(|r| r.targets.iter().map(|a| &**a)));
             }
@@ -685,7 +706,7 @@ fn soa(settings: &Settings, revision: i64) -> Record {
         domain.clone(),
         settings.ttl,
         RData::SOA(SOA::new(
-            name_under(&["ns"], domain).unwrap_or_else(|| domain.clone()),
+            settings.ns.clone(),
             name_under(&["hostmaster"], domain).unwrap_or_else(|| domain.clone()),
             // The serial follows the registry; RFC 1982 arithmetic wraps it.
             revision as u32,
@@ -709,6 +730,8 @@ mod tests {
             ttl: 5,
             allow_warning: false,
             srv_min: BTreeMap::new(),
+            ns: Name::from_ascii("ns.registry.internal.").unwrap(),
+            ns_addrs: vec!["127.0.0.53".parse().unwrap()],
         }
     }
 
@@ -891,6 +914,41 @@ mod tests {
             panic!()
         };
         assert_eq!((soa.serial, soa.minimum), (7, 5));
+    }
+
+    #[test]
+    fn the_apex_names_a_name_server_that_resolves() {
+        let z = Zone::build(&Registry::default(), 1, settings());
+        assert_eq!(
+            rdata(&q(&z, "registry.internal.", RecordType::NS)),
+            ["ns.registry.internal."]
+        );
+        assert_eq!(
+            rdata(&q(&z, "ns.registry.internal.", RecordType::A)),
+            ["127.0.0.53"]
+        );
+        let Answer::Found { answers, .. } = q(&z, "registry.internal.", RecordType::SOA) else {
+            panic!()
+        };
+        let RData::SOA(soa) = &answers[0].data else {
+            panic!()
+        };
+        assert_eq!(soa.mname.to_string(), "ns.registry.internal.");
+        // A name server elsewhere: named, not answered here.
+        let elsewhere = Settings {
+            ns: Name::from_ascii("dns1.example.net.").unwrap(),
+            ns_addrs: Vec::new(),
+            ..settings()
+        };
+        let z = Zone::build(&Registry::default(), 1, elsewhere);
+        assert_eq!(
+            rdata(&q(&z, "registry.internal.", RecordType::NS)),
+            ["dns1.example.net."]
+        );
+        assert!(matches!(
+            q(&z, "ns.registry.internal.", RecordType::A),
+            Answer::NxDomain
+        ));
     }
 
     #[test]

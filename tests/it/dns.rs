@@ -1299,6 +1299,16 @@ async fn dig_corner_cases_case_conflicts_empty_parents_service_labels_long_names
         "{}",
         d.raw
     );
+    // The apex names a name server that resolves: this one.
+    let d = dig(port, &["registry.internal", "NS"]).await;
+    assert_eq!(
+        d.data(),
+        ["ns.registry.internal.".to_string()].into(),
+        "{}",
+        d.raw
+    );
+    let d = dig(port, &["ns.registry.internal", "A"]).await;
+    assert_eq!(d.data(), ["127.0.0.1".to_string()].into(), "{}", d.raw);
     // Zone transfers: refused.
     let d = dig(port, &["registry.internal", "AXFR"]).await;
     assert!(
