@@ -69,6 +69,8 @@ pub struct Handler {
     /// The counters of the common answers (A, AAAA, SRV with NOERROR),
     /// looked up once rather than per question.
     common: [(RecordType, prometheus_client::metrics::counter::Counter); 3],
+    /// An answer over TCP did not fit in 64 KiB (said once).
+    tcp_truncated: std::sync::atomic::AtomicBool,
 }
 
 /// The rcode as DNS tools print it (dig's `status:`).
@@ -121,6 +123,7 @@ impl Handler {
             zone,
             metrics,
             common,
+            tcp_truncated: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -480,6 +483,24 @@ impl RequestHandler for Handler {
                 })
             }
         };
+        // This handler answers TCP (UDP has its own path): an answer cut
+        // here did not fit in a DNS message at all.
+        if info.truncation
+            && !self
+                .tcp_truncated
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            let question = request
+                .queries
+                .queries()
+                .first()
+                .map_or(String::new(), |q| {
+                    format!("{} {}", q.name(), q.query_type())
+                });
+            tracing::warn!(
+                "the answer to {question} does not fit in one DNS message (64 KiB) even over TCP, so it was sent truncated (TC set); split the role, or ask for hosts by name (said once)"
+            );
+        }
         self.count(request, info.response_code, started);
         info
     }

@@ -1328,3 +1328,43 @@ async fn dig_corner_cases_case_conflicts_empty_parents_service_labels_long_names
         assert_eq!(log.matches(why).count(), 1, "{why}:\n{log}");
     }
 }
+
+/// A role too big for one DNS message (2,400 AAAA hosts: over 64 KiB) is
+/// sent truncated even over TCP, with TC set, and the log says so once.
+#[tokio::test]
+async fn an_answer_past_64_kib_over_tcp_is_truncated_and_said_once() {
+    let paths: Vec<(String, String)> = (0..2400)
+        .map(|i| (format!("dc1/huge/h{i}"), format!("fd00::{:x}", i + 1)))
+        .collect();
+    let hosts: Vec<Host> = paths
+        .iter()
+        .map(|(p, ip)| Host {
+            path: p,
+            ip,
+            health: "passing",
+            services: &[],
+        })
+        .collect();
+    let (cluster, _, _) = registry(1, &hosts).await;
+    let port = free_port();
+    let dns = dns(&cluster.endpoint_list(), port, &[]).await;
+    for _ in 0..2 {
+        let d = dig(
+            port,
+            &["+tcp", "+ignore", "huge.dc1.registry.internal", "AAAA"],
+        )
+        .await;
+        assert!(d.flags.split_whitespace().any(|f| f == "tc"), "{}", d.raw);
+        assert!(
+            !d.answer.is_empty() && d.answer.len() < 2400,
+            "{}",
+            d.answer.len()
+        );
+    }
+    let log = dns.log();
+    assert_eq!(
+        log.matches("does not fit in one DNS message").count(),
+        1,
+        "{log}"
+    );
+}
