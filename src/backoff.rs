@@ -38,7 +38,7 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// The policy of contract rule 3: 100 ms doubling up to 10 s.
+    /// The policy of design.md rule 3: 100 ms doubling up to 10 s.
     pub const STANDARD: Policy = Policy {
         base: Duration::from_millis(100),
         max: Duration::from_secs(10),

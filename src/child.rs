@@ -1,5 +1,5 @@
 //! The one way registrar runs a program: a check's `exec`/`shell`, and
-//! render's `check` and `reload` (contract sections 3 and 6.10).
+//! render's `check` and `reload` (design.md sections 3 and 6.10).
 //!
 //! Every run gets an explicit argv (a shell only when the argv names one),
 //! its own process group, no standard input, and none of systemd's

@@ -1,4 +1,4 @@
-//! clap definitions only: the command line of contract section 4.
+//! clap definitions only: the command line of design.md section 4.
 //!
 //! Every connection and identity flag also reads its `REGISTRAR_*` variable,
 //! so a flag beats the environment. The config file and the etcdctl variables

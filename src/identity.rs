@@ -1,5 +1,5 @@
 //! Who this host is: its host name segment, the address it publishes and the
-//! machine id that proves ownership of the host name (contract rule 5).
+//! machine id that proves ownership of the host name (design.md rule 5).
 
 use std::net::IpAddr;
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! The key layout of the registry (contract section 1): building a host's keys
+//! The key layout of the registry (design.md section 1): building a host's keys
 //! and parsing keys back into (dc, role, host, leaf).
 //!
 //! Invariant: every `dc`, `role` and `host` that reaches this module has passed
@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-/// The longest segment the contract allows.
+/// The longest segment design.md section 1 allows.
 pub const MAX_SEGMENT_LEN: usize = 128;
 
 /// Why a path segment was refused.

@@ -1,6 +1,10 @@
 //! registrar keeps one host's entry in an etcd v3 infrastructure registry
 //! alive and correct for as long as the host lives.
 //!
+//! What it promises (the key layout, the rules, the commands, render, dns
+//! and fail static) is docs/design.md; comments cite it as "design.md
+//! section N" and "design.md rule N".
+//!
 //! The architecture, one line per module:
 //! - [`cli`]: clap definitions of the command line.
 //! - [`config`]: raw YAML + flags + environment → validated [`config::Config`],
@@ -18,9 +22,12 @@
 //!   revoke; lease ids and time-to-live.
 //! - [`maintenance`]: the maintenance state file and its poller.
 //! - [`registry`]: the read model of the registry, and [`registry::follow`],
-//!   the one watch that keeps it current, for ls, watch, wait and render.
+//!   the one watch that keeps it current, for ls, watch, wait, render and
+//!   dns; [`registry::hold`], fail static's decisions.
 //! - [`render`]: `registrar render`: templates over the registry, checked,
-//!   written atomically, reloaded.
+//!   written atomically, reloaded, or applied through haproxy's runtime API
+//!   ([`render::haproxy`] decides, [`render::runtime`] talks to the socket).
+//! - [`dns`]: `registrar dns`: the zone built from the mirror, and the server.
 //! - [`telemetry`]: systemd notifications and Prometheus metrics, fed by the agent.
 //! - [`agent`]: the long-running agent and its start and shutdown order:
 //!   [`agent::composer`] (what the host reports), [`agent::reload`] (SIGHUP),

@@ -1,4 +1,4 @@
-//! The conditional transactions of contract rules 1, 5 and 7: the first
+//! The conditional transactions of design.md rules 1, 5 and 7: the first
 //! write, conflict detection, takeover of our own earlier incarnation, and
 //! deregistration.
 //!
@@ -350,7 +350,7 @@ pub async fn write(
 
 /// Applies a change of what the host reports, in one transaction that
 /// holds only while every directory we already own still has its `owner`
-/// key on our lease (contract rule 7: updates compare `lease == own lease`).
+/// key on our lease (design.md rule 7: updates compare `lease == own lease`).
 /// Keys of directories new to this registration (a role added by reload)
 /// must not exist yet. Returns the revision of the write, or
 /// [`RegisterError::Mismatch`] when the registry no longer looks like ours.
@@ -407,14 +407,14 @@ pub async fn update(
     }
 }
 
-/// The value of `health` in a graceful stop (contract rule 4).
+/// The value of `health` in a graceful stop (design.md rule 4).
 pub const LEAVING: &str = "leaving";
 
 /// Announces a graceful stop: `health` becomes `leaving` on every role of
 /// `desired` that has a `health` key, in one transaction that holds only
 /// while each of those directories' `owner` is still on `lease`. Consumers
 /// then know that the revoke which follows is planned, and apply it at
-/// once instead of holding the host (contract section 8). Returns whether
+/// once instead of holding the host (design.md section 8). Returns whether
 /// it was written.
 pub async fn announce_leaving(
     etcd: &Etcd,

@@ -642,7 +642,7 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
-/// Fail static's figures, the same for `render` and `dns` (contract
+/// Fail static's figures, the same for `render` and `dns` (design.md
 /// section 8). Cheap to clone; clones share the values.
 #[derive(Clone, Default)]
 pub struct HoldMetrics {

@@ -218,9 +218,9 @@ pub async fn keep_registered(
 const LEAVING_WITHIN: Duration = Duration::from_secs(2);
 
 /// Sets `health: leaving` on every role of the host before the revoke
-/// (contract rule 4), bounded by [`LEAVING_WITHIN`]. A failure is logged:
+/// (design.md rule 4), bounded by [`LEAVING_WITHIN`]. A failure is logged:
 /// the revoke still removes the host, only consumers may hold it a while
-/// (contract section 8).
+/// (design.md section 8).
 async fn announce_leaving(
     etcd: &Etcd,
     session: &Session,

@@ -1,4 +1,4 @@
-//! Local health checks (contract section 3): what a check is, how one run
+//! Local health checks (design.md section 3): what a check is, how one run
 //! becomes a raw status, and how Consul-style thresholds turn raw results
 //! into the status that is reported.
 //!

@@ -1,5 +1,5 @@
 //! The command layer: turns a parsed command line into work, and every
-//! failure into one of the contract's exit codes.
+//! failure into one of the exit codes of design.md section 4.
 //!
 //! `anyhow` lives only here; below this layer every module has its own
 //! `thiserror` enum.
@@ -29,7 +29,7 @@ use crate::etcd::{Class, Etcd, EtcdError};
 use crate::identity::{Identity, IdentityError};
 use crate::registration::{Desired, RegisterError};
 
-/// The contract's exit codes (section 4).
+/// The exit codes of design.md section 4.
 pub mod exit {
     pub const OK: u8 = 0;
     pub const RUNTIME: u8 = 1;

@@ -1,4 +1,4 @@
-//! The transaction size rules of contract rule 7: a registration must fit
+//! The transaction size rules of design.md rule 7: a registration must fit
 //! in one etcd transaction (128 operations, 1.5 MiB by default), checked at
 //! load time for the longest host name the layout allows.
 
@@ -17,7 +17,7 @@ const PER_OP_OVERHEAD: usize = 32;
 
 impl Config {
     /// Checks that a registration of this config fits in one etcd
-    /// transaction (contract rule 7), counting the longest host name.
+    /// transaction (design.md rule 7), counting the longest host name.
     pub(super) fn check_txn_limits(&self) -> Result<(), String> {
         let roles = self.roles.len().max(1);
         let per_role =

@@ -14,7 +14,7 @@
 //!   that setting's check from `validate` on it;
 //! - `validate`: named checks, each reporting every problem it finds; the
 //!   list-valued fields (checks, templates) are picked and checked there;
-//! - `limits`: the etcd transaction size rules (contract rule 7);
+//! - `limits`: the etcd transaction size rules (design.md rule 7);
 //! - `display`: what `check-config` prints.
 //!
 //! So picking and checking are not two passes: `sources` and `validate`
@@ -67,13 +67,13 @@ pub struct TemplateSpec {
     pub command_timeout: Duration,
     /// Output larger than this many bytes is refused.
     pub max_output: usize,
-    /// When vanished hosts are held (contract section 8).
+    /// When vanished hosts are held (design.md section 8).
     pub fail_static: crate::registry::hold::FailStatic,
     /// haproxy's runtime API, when the template names it.
     pub haproxy: Option<HaproxySpec>,
 }
 
-/// `haproxy:` of a template (contract section 6.9).
+/// `haproxy:` of a template (design.md section 6.9).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HaproxySpec {
     /// The stats socket (`stats socket PATH level admin`).

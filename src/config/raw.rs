@@ -76,7 +76,7 @@ pub struct RawConfig {
     pub fail_static: Option<RawFailStatic>,
 }
 
-/// `fail_static: {settle, max_drop}` (contract section 8).
+/// `fail_static: {settle, max_drop}` (design.md section 8).
 #[derive(Debug, Default, Deserialize)]
 pub struct RawFailStatic {
     /// How long a host that vanished without `leaving` is held at most
@@ -115,7 +115,7 @@ impl RawPercent {
     }
 }
 
-/// One template of `registrar render` (contract section 6).
+/// One template of `registrar render` (design.md section 6).
 #[derive(Debug, Default, Deserialize)]
 pub struct RawTemplate {
     /// The minijinja template file.
@@ -146,7 +146,7 @@ pub struct RawTemplate {
     /// Fail static for this template (default: the top-level `fail_static`).
     pub fail_static: Option<RawFailStatic>,
     /// haproxy's runtime API: server changes go through its socket
-    /// instead of `reload` (contract section 6.9).
+    /// instead of `reload` (design.md section 6.9).
     pub haproxy: Option<RawHaproxy>,
 }
 

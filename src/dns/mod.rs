@@ -1,4 +1,4 @@
-//! `registrar dns`: the registry answers DNS (contract section 7).
+//! `registrar dns`: the registry answers DNS (design.md section 7).
 //!
 //! One watch of the prefix feeds the registry mirror
 //! ([`Follower`](crate::registry::follow::Follower)), the same one `render`

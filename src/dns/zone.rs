@@ -1,4 +1,4 @@
-//! The answers `registrar dns` serves (contract section 7), kept in step
+//! The answers `registrar dns` serves (design.md section 7), kept in step
 //! with the registry mirror. Pure: no I/O, and a lookup is one hash lookup,
 //! so a question costs no etcd request.
 //!

@@ -1,4 +1,4 @@
-//! Fail static (contract section 8): which vanished hosts a consumer keeps
+//! Fail static (design.md section 8): which vanished hosts a consumer keeps
 //! in its output, and until when. A pure state machine over the follower's
 //! batches and the clock; `render` and `dns` put its held hosts back into
 //! what they show.

@@ -34,7 +34,7 @@ impl std::fmt::Display for HostId {
 
 /// A host's `health` as read back: a check status, or `leaving`, which a
 /// host announces in a graceful stop just before its lease is revoked
-/// (contract rule 4), so that consumers apply its removal at once.
+/// (design.md rule 4), so that consumers apply its removal at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
@@ -245,7 +245,7 @@ impl HostView {
 }
 
 /// Why `key` has a segment below `prefix` that breaks the layout's rules
-/// (contract section 1), if it has one.
+/// (design.md section 1), if it has one.
 fn bad_segment(prefix: &str, key: &str) -> Option<String> {
     let Some(rest) = key.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
         return Some(format!("is not under the prefix {prefix}"));

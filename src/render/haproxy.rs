@@ -1,5 +1,5 @@
 //! Whether a rendered haproxy config can reach haproxy through its runtime
-//! API instead of a reload (contract section 6.9), as a pure decision over
+//! API instead of a reload (design.md section 6.9), as a pure decision over
 //! the old and the new file's text.
 //!
 //! [`plan`] reads both files into sections and the `server` lines of their

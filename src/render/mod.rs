@@ -1,4 +1,4 @@
-//! `registrar render`: the registry drives config files (contract section 6).
+//! `registrar render`: the registry drives config files (design.md section 6).
 //!
 //! One watch of the prefix feeds an in-memory mirror
 //! ([`Follower`](crate::registry::follow::Follower)); every render reads the
@@ -11,7 +11,7 @@
 //! etcd is unreachable the last output stays; a render listing fewer hosts
 //! than `min_hosts`, or a template error, keeps the previous file.
 //!
-//! Fail static (contract section 8): each template has its own
+//! Fail static (design.md section 8): each template has its own
 //! [`Holds`]; a host that vanished without `leaving` in a way that looks
 //! like an accident of the registry is shown to that template as it was
 //! last seen, until it is back or `fail_static.settle` has passed.
@@ -49,7 +49,7 @@ pub struct Options {
     pub timeout: Duration,
 }
 
-/// Why `render` stopped with an error (mapped to contract exit codes).
+/// Why `render` stopped with an error (mapped to the exit codes of design.md section 4).
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
     /// etcd could not be read (exit 69, or 77 for auth/TLS).
@@ -77,7 +77,7 @@ struct Slot {
     /// Its last render was refused by `min_hosts`.
     refused: bool,
     /// Fail static: hosts that vanished without `leaving` and are still
-    /// shown to this template (contract section 8).
+    /// shown to this template (design.md section 8).
     holds: Holds,
     /// haproxy's runtime API: servers removed at runtime that still have
     /// connections, and when to try deleting them again.

@@ -1,5 +1,5 @@
 //! haproxy's runtime API (its stats socket, `level admin`): applying a
-//! [`plan`](super::haproxy::plan) without a reload (contract section 6.9).
+//! [`plan`](super::haproxy::plan) without a reload (design.md section 6.9).
 //!
 //! The file is always written first (checked, fsynced, renamed); this module
 //! then makes the running haproxy equal to it. Before it changes anything

@@ -1,5 +1,5 @@
 //! Templates: minijinja, strict, over one consistent view of the registry
-//! (contract section 6).
+//! (design.md section 6).
 //!
 //! The data a template sees:
 //! - `hosts(scope="", healthy=false)`: the present hosts under
@@ -10,7 +10,7 @@
 //!
 //! Undefined variables and attributes are errors: a typo must not render an
 //! empty backend list into a load balancer's config. Only keys whose every
-//! segment is valid (contract section 1) reach a template; the registry
+//! segment is valid (design.md section 1) reach a template; the registry
 //! leaves the others out (see [`crate::registry`]).
 //!
 //! A render also records, for the loop around it:

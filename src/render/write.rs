@@ -1,4 +1,4 @@
-//! Writing a rendered file as an operator expects (contract section 6,
+//! Writing a rendered file as an operator expects (design.md section 6,
 //! rules 3 to 5 and 10).
 //!
 //! - The file written is the destination's final target: a symlinked

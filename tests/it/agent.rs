@@ -486,7 +486,7 @@ fn announced_then_revoked(
     }
 }
 
-/// A graceful stop says so before it goes (contract rule 4): `health`
+/// A graceful stop says so before it goes (design.md rule 4): `health`
 /// becomes `leaving` on every role in one transaction, then the revoke
 /// removes every key. SIGTERM of the agent and `deregister` alike; and
 /// `watch` shows it.

@@ -225,7 +225,7 @@ fn web_hosts() -> Vec<Host<'static>> {
     ]
 }
 
-/// Every name form of contract section 7, asked with dig over UDP and TCP.
+/// Every name form of design.md section 7, asked with dig over UDP and TCP.
 #[tokio::test]
 async fn dig_gets_every_name_form_as_the_contract_says() {
     let (cluster, mut c, lease) = registry(1, &web_hosts()).await;

@@ -1,4 +1,4 @@
-//! Fail static (contract rule 4 and section 8) with real agents, a real
+//! Fail static (design.md rule 4 and section 8) with real agents, a real
 //! 3-member etcd, render feeding `haproxy -c`, and dns probed every 10 ms:
 //! a registry glitch (a wipe, a replaced cluster, a restore, hosts
 //! vanishing together) never empties the file or the answers, and a host

@@ -1,6 +1,6 @@
 //! `registrar render` in front of a real service: no crash on any command
 //! output, no lost or re-owned file, no line injected from a key, no
-//! needless reload, flags and signals that do what they say (contract
+//! needless reload, flags and signals that do what they say (design.md
 //! section 6, rules 8, 10 and 11).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
