@@ -21,12 +21,12 @@ use crate::registration::{Desired, Spec};
 
 /// The JSON value of `checks/<name>`.
 pub fn check_json(r: &crate::check::Reported) -> String {
-    serde_json::json!({
-        "status": r.status,
-        "output": r.output,
-        "since": humantime::format_rfc3339_seconds(r.since).to_string(),
-    })
-    .to_string()
+    crate::registry::CheckView {
+        status: r.status,
+        output: r.output.clone(),
+        since: humantime::format_rfc3339_seconds(r.since).to_string(),
+    }
+    .to_json()
 }
 
 /// The registration for this config, identity, check results and maintenance.

@@ -78,12 +78,47 @@ impl std::fmt::Display for Health {
     }
 }
 
-/// One check's reported result, as read back.
+/// The value of `checks/<name>` (design.md section 1): one check's result,
+/// as the agent writes it ([`CheckView::to_json`]) and every consumer reads
+/// it back ([`CheckView::from_json`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CheckView {
     pub status: Status,
     pub output: String,
+    /// When the status last changed (RFC 3339, seconds).
     pub since: String,
+}
+
+impl CheckView {
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "status": self.status,
+            "output": self.output,
+            "since": self.since,
+        })
+        .to_string()
+    }
+
+    /// Reads a value back; the message says what is wrong with it.
+    pub fn from_json(value: &str) -> Result<CheckView, String> {
+        #[derive(serde::Deserialize)]
+        struct Wire {
+            status: String,
+            #[serde(default)]
+            output: String,
+            #[serde(default)]
+            since: String,
+        }
+        let wire: Wire =
+            serde_json::from_str(value).map_err(|e| format!("check value is not JSON: {e}"))?;
+        let status = Status::parse(&wire.status)
+            .ok_or_else(|| format!("check status {:?} is unknown", wire.status))?;
+        Ok(CheckView {
+            status,
+            output: wire.output,
+            since: wire.since,
+        })
+    }
 }
 
 /// Everything known about one host entry.
@@ -199,26 +234,8 @@ impl HostView {
                 self.meta.insert(name.clone(), value.to_string());
             }
             Leaf::Check(name) => {
-                #[derive(serde::Deserialize)]
-                struct Raw {
-                    status: String,
-                    #[serde(default)]
-                    output: String,
-                    #[serde(default)]
-                    since: String,
-                }
-                let raw: Raw = serde_json::from_str(value)
-                    .map_err(|e| format!("check value is not JSON: {e}"))?;
-                let status = Status::parse(&raw.status)
-                    .ok_or_else(|| format!("check status {:?} is unknown", raw.status))?;
-                self.checks.insert(
-                    name.clone(),
-                    CheckView {
-                        status,
-                        output: raw.output,
-                        since: raw.since,
-                    },
-                );
+                self.checks
+                    .insert(name.clone(), CheckView::from_json(value)?);
             }
         }
         Ok(())
