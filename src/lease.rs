@@ -244,8 +244,10 @@ pub struct Session {
     task: Option<JoinHandle<Result<(), SessionError>>>,
 }
 
-/// Tells a session that etcd no longer knows a lease; see
-/// [`Session::report_lost`].
+/// Tells a session that etcd no longer knows a lease (a write or a
+/// time-to-live said so). If it is still the session's lease, the session
+/// grants a new one at once instead of at its next keep-alive. Other tasks
+/// keep one ([`Session::reporter`]).
 #[derive(Clone)]
 pub struct LostReporter(mpsc::UnboundedSender<LeaseId>);
 
@@ -292,14 +294,7 @@ impl Session {
         self.state.borrow().lease()
     }
 
-    /// Tells the session that etcd no longer knows `lease` (a write or a
-    /// time-to-live said so). If it is still the session's lease, the
-    /// session grants a new one at once instead of at its next keep-alive.
-    pub fn report_lost(&self, lease: LeaseId) {
-        self.reporter().report(lease);
-    }
-
-    /// A handle for [`report_lost`](Self::report_lost) that other tasks keep.
+    /// A [`LostReporter`] for this session, for other tasks to keep.
     pub fn reporter(&self) -> LostReporter {
         LostReporter(self.lost.clone())
     }
