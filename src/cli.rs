@@ -434,7 +434,6 @@ pub struct Connection {
     pub connect_timeout: Option<Duration>,
 }
 
-/// Parses a humantime duration (`30s`, `1m30s`, `500ms`) for clap.
 /// `maintenance on --for`: a duration of at most a year. Longer is not a
 /// drain but a decommission, and an end past year 9999 cannot be written.
 fn parse_maintenance_for(s: &str) -> Result<Duration, String> {
@@ -547,6 +546,8 @@ fn env_bool_allow_loopback(s: &str) -> Result<bool, String> {
     env_bool("REGISTRAR_ALLOW_LOOPBACK", s)
 }
 
+/// The one duration parser: humantime (`30s`, `1m30s`, `500ms`), for clap
+/// and for the config file ([`crate::config::RawDuration`]).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration ({e}); write it like 30s, 1m or 500ms"))
