@@ -30,10 +30,13 @@
 //! - [`dns`]: `registrar dns`: the zone built from the mirror, and the server.
 //! - [`telemetry`]: systemd notifications and Prometheus metrics, fed by the agent.
 //! - [`agent`]: the long-running agent and its start and shutdown order:
-//!   [`agent::composer`] (what the host reports), [`agent::reload`] (SIGHUP),
+//!   [`agent::composer`] (what the host reports), [`agent::reload`] (what a
+//!   SIGHUP may change),
 //!   [`agent::writer`] (keys = latest report, on the session's lease),
 //!   [`agent::own_keys`] (the watch that notices outside damage).
 //! - [`process`]: logging set-up and signal handling.
+//! - [`reload`]: what a running command can be asked from outside: stop,
+//!   and SIGHUP's reload.
 //! - [`commands`]: one module per command; errors → exit codes.
 #![forbid(unsafe_code)]
 
@@ -55,5 +58,6 @@ pub mod manual;
 pub mod process;
 pub mod registration;
 pub mod registry;
+pub mod reload;
 pub mod render;
 pub mod telemetry;

@@ -1,37 +1,12 @@
-//! SIGHUP: loading the configuration again while a command runs. The
-//! agent, `render` and `dns` all wait for it with [`sighup`] and load with
-//! [`Reloads::load`]; what each applies is its own (render: see
-//! [`crate::render`]). The rest of this module is the agent's.
-//!
-//! For the agent, a reload may change what the host reports (roles, services, meta,
-//! checks, `output_refresh`); the composer applies those on the same lease.
-//! Everything else (the etcd connection, identity, TTL) takes a restart: a
-//! reload that changes it says so and keeps the old value. A reload that
-//! does not validate changes nothing.
+//! The agent's side of SIGHUP ([`crate::reload`] is where reloads come
+//! from): a reload may change what the host reports (roles, services,
+//! meta, checks, `output_refresh`); the composer applies those on the same
+//! lease. Everything else (the etcd connection, identity, TTL) takes a
+//! restart: a reload that changes it says so and keeps the old value. A
+//! reload that does not validate changes nothing.
 
-use std::sync::Arc;
-
-use tokio::sync::Notify;
-
-use crate::config::{Config, ConfigError};
-
-/// Loads the configuration again (the same flags, environment and file).
-pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
-
-/// Where reloads come from: a notification per SIGHUP, and how to load.
-pub struct Reloads {
-    pub notify: Arc<Notify>,
-    pub load: Reload,
-}
-
-/// The next SIGHUP, or never when there is no `notify` (a command run
-/// without reloads).
-pub async fn sighup(notify: Option<&Notify>) {
-    match notify {
-        Some(n) => n.notified().await,
-        None => std::future::pending().await,
-    }
-}
+use crate::config::Config;
+pub use crate::reload::{Reload, Reloads, sighup};
 
 /// The new configuration, validated, or `None` (said in the log) when it
 /// cannot be used. Warns about changes that take a restart.

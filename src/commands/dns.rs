@@ -2,13 +2,12 @@
 //! exit codes.
 
 use super::{Control, Failure, etcd_failure, exit, serve_metrics};
-use crate::agent::reload::Reloads;
 use crate::cli::DnsArgs;
 use crate::config::Config;
 use crate::dns::{Settings, Sockets};
 use crate::etcd::Etcd;
 
-pub async fn run(config: Config, args: &DnsArgs, control: Control) -> Result<(), Failure> {
+pub async fn run(config: Config, args: &DnsArgs, mut control: Control) -> Result<(), Failure> {
     let domain =
         hickory_server::proto::rr::Name::from_ascii(format!("{}.", args.domain)).map_err(|e| {
             Failure::new(
@@ -75,10 +74,7 @@ pub async fn run(config: Config, args: &DnsArgs, control: Control) -> Result<(),
     }
     let metrics = crate::telemetry::DnsMetrics::new();
     let _serving = serve_metrics(config.metrics_listen, &metrics, &control.cancel).await?;
-    let reloads = control.load.map(|load| Reloads {
-        notify: control.reload.clone(),
-        load,
-    });
+    let reloads = control.reloads();
     crate::dns::run(
         &config.prefix,
         &etcd,

@@ -16,12 +16,9 @@ mod watch;
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::reload::{Reload, Reloads};
 use crate::agent::{AgentError, Mode};
 use crate::cli::{Cli, Command, Common};
 use crate::config::{Config, ConfigError, Env};
@@ -362,15 +359,7 @@ fn one_shot_desired(config: &Config, identity: &Identity) -> Desired {
     )
 }
 
-/// What a running command can be asked to do from outside.
-pub struct Control {
-    /// Fires on SIGTERM/SIGINT.
-    pub cancel: CancellationToken,
-    /// Notified on SIGHUP.
-    pub reload: Arc<Notify>,
-    /// Loads the configuration again (the same flags, environment and file).
-    pub load: Option<Reload>,
-}
+pub use crate::reload::Control;
 
 /// Runs a parsed command with a validated config.
 pub async fn run(cli: Cli, config: Config, control: Control) -> Result<(), Failure> {
@@ -395,12 +384,9 @@ pub async fn run(cli: Cli, config: Config, control: Control) -> Result<(), Failu
 }
 
 /// The agent, or `register --keep-alive` (an agent without checks).
-async fn run_agent(config: Config, mode: Mode, control: Control) -> Result<(), Failure> {
+async fn run_agent(config: Config, mode: Mode, mut control: Control) -> Result<(), Failure> {
     let p = prepare(&config)?;
-    let reloads = control.load.map(|load| Reloads {
-        notify: control.reload.clone(),
-        load,
-    });
+    let reloads = control.reloads();
     crate::agent::run(config, p.identity, p.etcd, control.cancel, reloads, mode)
         .await
         .map_err(|e| match e {

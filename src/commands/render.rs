@@ -1,23 +1,19 @@
 //! `registrar render`: see [`crate::render`]. Here: exit codes.
 
 use super::{Control, Failure, etcd_failure, exit, serve_metrics};
-use crate::agent::reload::Reloads;
 use crate::cli::RenderArgs;
 use crate::config::Config;
 use crate::etcd::Etcd;
 use crate::render::{Options, RenderError};
 
-pub async fn run(config: Config, args: &RenderArgs, control: Control) -> Result<(), Failure> {
+pub async fn run(config: Config, args: &RenderArgs, mut control: Control) -> Result<(), Failure> {
     let etcd = Etcd::new(&config.etcd).map_err(|e| Failure::new(exit::DENIED, e))?;
     let options = Options {
         once: args.once,
         dry_run: args.dry_run,
         timeout: args.timeout,
     };
-    let reloads = control.load.map(|load| Reloads {
-        notify: control.reload.clone(),
-        load,
-    });
+    let reloads = control.reloads();
     let metrics = crate::telemetry::RenderMetrics::new();
     // A one-shot run has nothing to serve for long.
     let listen = config

@@ -23,11 +23,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::reload::Reloads;
 use crate::etcd::{Etcd, EtcdError};
 use crate::registry::follow::Follower;
 use crate::registry::hold::{self, FailStatic, Holds};
 use crate::registry::{HostId, Hosts, Shown};
+use crate::reload::Reloads;
 use crate::telemetry::DnsMetrics;
 use server::{Handler, Published};
 pub use zone::Settings;
@@ -228,7 +228,7 @@ async fn follow(
                 metrics.holds.record(&holds, &[], tokio::time::Instant::now());
                 crate::telemetry::notify_watchdog();
             }
-            _ = crate::agent::reload::sighup(reloads.as_ref().map(|r| r.notify.as_ref())) => {
+            _ = crate::reload::sighup(reloads.as_ref().map(|r| r.notify.as_ref())) => {
                 let Some(r) = &reloads else { continue };
                 match (r.load)() {
                     Err(e) => tracing::error!("reload refused, the old configuration stays in force: {e}"),

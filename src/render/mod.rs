@@ -28,13 +28,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::reload::{self, Reloads};
 use crate::child::{self, Leftovers};
 use crate::config::{Config, TemplateSpec};
 use crate::etcd::{Etcd, EtcdError};
 use crate::registry::follow::{Batch, Follower};
 use crate::registry::hold::{self, Holds};
 use crate::registry::{HostId, Hosts, Malformed, Registry, Shown};
+use crate::reload::{self, Reloads};
 use crate::telemetry::RenderMetrics;
 use template::{Reads, View};
 
