@@ -492,11 +492,13 @@ struct HostObserver {
     host: usize,
 }
 
-impl registrar::lease::Observer for HostObserver {
+impl registrar::lease::LeaseObserver for HostObserver {
     fn alive(&self, _ttl: Duration) {
         self.tally.alive.fetch_add(1, Ordering::Relaxed);
     }
+}
 
+impl registrar::registration::Observer for HostObserver {
     fn registered(&self, _lease: registrar::lease::Lease, _desired: &Desired, _first: bool) {
         let now = self.tally.ms(Instant::now());
         let _ = self.tally.first[self.host].compare_exchange(

@@ -36,7 +36,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{Backoff, Ended, Outage, Policy};
 use crate::etcd::{Class, Etcd, EtcdError, Rotation, bounded, classify};
-use crate::registration::Desired;
 
 /// An etcd lease id. etcd never grants 0 (its "no lease"), so "no lease"
 /// is `Option<LeaseId>`, never a 0.
@@ -183,27 +182,20 @@ pub async fn time_to_live(etcd: &Etcd, lease: LeaseId) -> Result<Option<Duration
     }
 }
 
-/// Observations of the agent, for systemd and metrics. Every method has a
-/// no-op default.
-pub trait Observer: Send + Sync {
+/// What the session observes of its lease, for systemd and metrics. Every
+/// method has a no-op default. The writer's observations extend it
+/// ([`crate::registration::Observer`]).
+pub trait LeaseObserver: Send + Sync {
     /// A keep-alive succeeded; etcd says the lease has `ttl` left.
     fn alive(&self, _ttl: Duration) {}
     /// A whole TTL passed without a successful keep-alive.
     fn unconfirmed(&self) {}
     /// etcd answers again after an outage, and `lease` lived through it.
     fn recovered(&self, _lease: Lease, _outage: &Ended) {}
-    /// The host was written with `lease`; `first` is the first time.
-    fn registered(&self, _lease: Lease, _desired: &Desired, _first: bool) {}
-    /// What the host reports changed and was written.
-    fn updated(&self, _desired: &Desired) {}
-    /// An etcd call failed; the agent retries.
+    /// An etcd call failed; it is retried.
     fn failed(&self, _error: &str, _class: Class) {}
-    /// The host name is held by another machine; the agent retries.
-    fn conflict(&self, _message: &str) {}
     /// The lease was lost; the agent re-registers.
     fn lost(&self, _why: &str) {}
-    /// Shutdown began.
-    fn stopping(&self) {}
 }
 
 /// What the session holds, as the others see it.
@@ -261,7 +253,7 @@ impl LostReporter {
 impl Session {
     /// Starts the session task. It runs until [`close`](Self::close), or
     /// until the handle is dropped (which also revokes, without waiting).
-    pub fn start(etcd: Arc<Etcd>, ttl: Duration, observer: Arc<dyn Observer>) -> Session {
+    pub fn start(etcd: Arc<Etcd>, ttl: Duration, observer: Arc<dyn LeaseObserver>) -> Session {
         let cancel = CancellationToken::new();
         let (tx, state) = watch::channel(State::Granting);
         let (lost, reports) = mpsc::unbounded_channel();
@@ -335,7 +327,7 @@ impl Drop for Session {
 struct Runner {
     etcd: Arc<Etcd>,
     ttl: Duration,
-    observer: Arc<dyn Observer>,
+    observer: Arc<dyn LeaseObserver>,
     state: watch::Sender<State>,
     reports: mpsc::UnboundedReceiver<LeaseId>,
     cancel: CancellationToken,

@@ -17,6 +17,19 @@ use crate::identity::Identity;
 use crate::layout::{HostDir, Leaf};
 use crate::lease::{LeaseId, revoke, time_to_live};
 
+/// What the agent observes of its registration, beside its lease's
+/// observations, for systemd and metrics. Every method has a no-op default.
+pub trait Observer: crate::lease::LeaseObserver {
+    /// The host was written with `lease`; `first` is the first time.
+    fn registered(&self, _lease: crate::lease::Lease, _desired: &Desired, _first: bool) {}
+    /// What the host reports changed and was written.
+    fn updated(&self, _desired: &Desired) {}
+    /// The host name is held by another machine; the agent retries.
+    fn conflict(&self, _message: &str) {}
+    /// Shutdown began.
+    fn stopping(&self) {}
+}
+
 /// What this host wants the registry to say about it: every key of every
 /// role, with its value.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -368,7 +368,7 @@ impl Telemetry {
     }
 }
 
-impl crate::lease::Observer for Telemetry {
+impl crate::lease::LeaseObserver for Telemetry {
     fn alive(&self, ttl: Duration) {
         let _ = ttl;
         if let Ok(mut s) = self.metrics.state.lock() {
@@ -390,6 +390,30 @@ impl crate::lease::Observer for Telemetry {
         self.status("no keep-alive succeeded for a whole TTL; this host may be unregistered");
     }
 
+    fn failed(&self, error: &str, class: Class) {
+        self.metrics.etcd_error(class);
+        let text = match class {
+            Class::Retry => format!("etcd unreachable, retrying: {error}"),
+            Class::Auth => format!("etcd denied access: {error}"),
+            Class::Tls => format!("cannot set up TLS with etcd, retrying: {error}"),
+            _ => format!("registration failed, retrying: {error}"),
+        };
+        self.status(&text);
+    }
+
+    fn lost(&self, why: &str) {
+        self.metrics.lease(None);
+        if let Ok(mut s) = self.metrics.state.lock() {
+            s.registered = false;
+        }
+        if let Ok(mut shown) = self.state.lock() {
+            shown.lease = None;
+        }
+        self.status(&format!("lease lost, re-registering: {why}"));
+    }
+}
+
+impl crate::registration::Observer for Telemetry {
     fn registered(&self, lease: Lease, desired: &Desired, first: bool) {
         if first {
             self.metrics.registrations.inc();
@@ -429,31 +453,9 @@ impl crate::lease::Observer for Telemetry {
         self.status(&Self::registered_status(&shown));
     }
 
-    fn failed(&self, error: &str, class: Class) {
-        self.metrics.etcd_error(class);
-        let text = match class {
-            Class::Retry => format!("etcd unreachable, retrying: {error}"),
-            Class::Auth => format!("etcd denied access: {error}"),
-            Class::Tls => format!("cannot set up TLS with etcd, retrying: {error}"),
-            _ => format!("registration failed, retrying: {error}"),
-        };
-        self.status(&text);
-    }
-
     fn conflict(&self, message: &str) {
         self.metrics.set_conflict(true);
         self.status(&format!("conflict, retrying: {message}"));
-    }
-
-    fn lost(&self, why: &str) {
-        self.metrics.lease(None);
-        if let Ok(mut s) = self.metrics.state.lock() {
-            s.registered = false;
-        }
-        if let Ok(mut shown) = self.state.lock() {
-            shown.lease = None;
-        }
-        self.status(&format!("lease lost, re-registering: {why}"));
     }
 
     fn stopping(&self) {

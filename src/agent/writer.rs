@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 use super::own_keys::{self, Written};
 use crate::backoff::{Backoff, Outage};
 use crate::etcd::{Class, Etcd, Revision};
-use crate::lease::{Lease, LeaseId, Observer, State, time_to_live};
+use crate::lease::{Lease, LeaseId, State, time_to_live};
+use crate::registration::Observer;
 use crate::registration::{self, Desired, RegisterError, Verified};
 
 /// Tells the session that etcd no longer knows a lease.
