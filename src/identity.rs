@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use crate::config::{AddressChoice, Config};
-use crate::layout::validate_segment;
+use crate::layout::{validate_machine_id, validate_segment};
 
 /// The resolved identity of this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,16 +53,6 @@ pub fn short_hostname() -> Result<String, IdentityError> {
     let short = full.split('.').next().unwrap_or("").to_string();
     validate_segment(&short).map_err(|e| IdentityError::BadHostname(short.clone(), e))?;
     Ok(short)
-}
-
-/// Checks a machine id: 1 to 256 printable ASCII characters.
-pub fn validate_machine_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > 256 || !id.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(format!(
-            "{id:?} is not a machine id: use 1 to 256 printable ASCII characters without spaces"
-        ));
-    }
-    Ok(())
 }
 
 /// `/etc/machine-id` when it holds one, else a random id persisted in the

@@ -22,6 +22,17 @@ pub enum SegmentError {
     BadChar(char),
 }
 
+/// Checks a machine id, the value of `owner`: 1 to 256 printable ASCII
+/// characters.
+pub fn validate_machine_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 256 || !id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "{id:?} is not a machine id: use 1 to 256 printable ASCII characters without spaces"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks one path segment (`dc`, `role`, `host`, service or meta name):
 /// 1 to 128 characters from `[A-Za-z0-9._-]`, and not `.` or `..`.
 pub fn validate_segment(s: &str) -> Result<(), SegmentError> {

@@ -372,7 +372,7 @@ fn identity(p: &mut Problems, flags: &Common, raw: &RawConfig) -> Placement {
         (raw.machine_id.clone(), file_origin("machine_id")),
     ]);
     if let Some((id, origin)) = &machine_id
-        && let Err(e) = crate::identity::validate_machine_id(id)
+        && let Err(e) = crate::layout::validate_machine_id(id)
     {
         p.push(origin, "machine_id", e);
     }
