@@ -14,14 +14,18 @@
 //!   that setting's check from `validate` on it;
 //! - `validate`: named checks, each reporting every problem it finds; the
 //!   list-valued fields (checks, templates) are picked and checked there;
+//! - `origin`: where a value came from, and the list of problems, which
+//!   `sources` and `validate` share;
 //! - `limits`: the etcd transaction size rules (design.md rule 7);
 //! - `display`: what `check-config` prints.
 //!
-//! So picking and checking are not two passes: `sources` and `validate`
-//! call each other, and every problem still lands in one list.
+//! So picking and checking are not two passes: `sources` picks a setting
+//! and calls its check from `validate` on it at once, and every problem
+//! lands in one list. `validate` does not call back into `sources`.
 
 mod display;
 mod limits;
+mod origin;
 pub mod raw;
 mod sources;
 mod validate;

@@ -6,8 +6,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::origin::{Origin, Problems, file_origin, pick};
 use super::raw::{RawCheck, RawConfig, RawDuration};
-use super::sources::{Origin, Problems, file_origin, pick};
 use super::*;
 use crate::cli::Common;
 use crate::layout::validate_segment;
