@@ -639,7 +639,7 @@ pub(super) fn templates_field(
                 d.clone()
             }
             Some(d) => {
-                let target = crate::render::write::target(d).unwrap_or_else(|_| d.clone());
+                let target = crate::render::link::target(d).unwrap_or_else(|_| d.clone());
                 if let Some(first) = targets.get(&target) {
                     p.push(
                         &at("destination"),

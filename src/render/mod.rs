@@ -17,6 +17,7 @@
 //! last seen, until it is back or `fail_static.settle` has passed.
 
 pub mod haproxy;
+pub mod link;
 pub mod runtime;
 pub mod template;
 pub mod write;

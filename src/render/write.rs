@@ -61,33 +61,22 @@ pub struct Existing {
     pub gid: u32,
 }
 
-/// How many symlinks a destination may go through (as the kernel's
-/// MAXSYMLINKS).
-const MAX_LINKS: usize = 40;
-
 /// The file a destination names: itself, or the final target of the
 /// symlinks it goes through (which need not exist yet).
 pub fn target(dest: &Path) -> Result<PathBuf, WriteError> {
-    let mut path = dest.to_path_buf();
-    for _ in 0..MAX_LINKS {
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.file_type().is_symlink() => {
-                let link = std::fs::read_link(&path).map_err(|source| WriteError::Io {
-                    path: path.clone(),
-                    what: "read the symlink",
-                    source,
-                })?;
-                path = match path.parent() {
-                    Some(dir) => dir.join(link),
-                    None => link,
-                };
-            }
-            _ => return Ok(path),
-        }
-    }
-    Err(WriteError::Refused {
-        path: dest.to_path_buf(),
-        why: format!("goes through more than {MAX_LINKS} symlinks (a loop?)"),
+    super::link::target(dest).map_err(|e| match e {
+        super::link::LinkError::Read { path, source } => WriteError::Io {
+            path,
+            what: "read the symlink",
+            source,
+        },
+        super::link::LinkError::TooMany => WriteError::Refused {
+            path: dest.to_path_buf(),
+            why: format!(
+                "goes through more than {} symlinks (a loop?)",
+                super::link::MAX_LINKS
+            ),
+        },
     })
 }
 
