@@ -7,6 +7,7 @@
 //! unchanged input produces no write.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -95,7 +96,7 @@ pub async fn run(composer: Composer, cancel: CancellationToken, tasks: TaskTrack
         None,
         &cancel,
         &tasks,
-        Some(&metrics),
+        Some(Arc::new(metrics.clone())),
     );
     let mut maint = maintenance::Watcher::new(&config.state_dir);
     let mut tick = tokio::time::interval(maintenance::POLL);
@@ -157,7 +158,7 @@ pub async fn run(composer: Composer, cancel: CancellationToken, tasks: TaskTrack
                     Some((&config.checks, &previous)),
                     &cancel,
                     &tasks,
-                    Some(&metrics),
+                    Some(Arc::new(metrics.clone())),
                 );
                 for old in &config.checks {
                     if !new.checks.iter().any(|c| c.name == old.name) {

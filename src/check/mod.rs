@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tokio::time::Instant;
 
-pub use runner::{CheckSet, Reported, Snapshot};
+pub use runner::{CheckMetrics, CheckSet, Reported, Snapshot};
 
 /// Output kept per check result: stdout+stderr, or the HTTP status line and
 /// the head of the body.

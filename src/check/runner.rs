@@ -107,6 +107,12 @@ pub struct CheckSet {
     _shared: Arc<Mutex<Shared>>,
 }
 
+/// Where the runner reports each run, for metrics: all it needs of them.
+pub trait CheckMetrics: Send + Sync {
+    /// Check `check` ran, taking `took`; its status is now `status`.
+    fn check_ran(&self, check: &str, status: super::Status, took: Duration);
+}
+
 impl CheckSet {
     /// Starts every check on `tracker`. Checks whose spec is unchanged from
     /// `previous` keep their reported state (a reload does not reset them).
@@ -116,7 +122,7 @@ impl CheckSet {
         previous: Option<(&[Spec], &Snapshot)>,
         parent: &CancellationToken,
         tasks: &TaskTracker,
-        metrics: Option<&crate::telemetry::Metrics>,
+        metrics: Option<Arc<dyn CheckMetrics>>,
     ) -> CheckSet {
         let http = super::http::Client::default();
         let now = Instant::now();
@@ -151,7 +157,7 @@ impl CheckSet {
             let spec = spec.clone();
             let http = http.clone();
             let cancel = cancel.clone();
-            let metrics = metrics.cloned();
+            let metrics = metrics.clone();
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(spec.interval);
                 tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
