@@ -135,134 +135,19 @@ impl<'a> Follower<'a> {
     /// within the request timeout is given up, and the watch resumes from
     /// the last applied revision on the next endpoint.
     pub async fn next(&mut self, report: &mut dyn FnMut(Malformed)) -> Result<Batch, EtcdError> {
-        if let Some(b) = self.pending.pop_front() {
-            return Ok(b);
-        }
         loop {
-            if self.stream.is_none() {
-                match self.open().await {
-                    Ok(s) => {
-                        self.rotation.opened();
-                        if let Some(ended) = self.outage.recovered() {
-                            tracing::info!("watching the registry again {}", ended.describe());
-                        }
-                        self.stream = Some(s);
-                        self.heard = Instant::now();
-                        self.probing = false;
-                    }
-                    Err(e) if e.class().fails_over() => {
-                        self.outage.failed(&e);
-                        self.rotation.failed(self.etcd);
-                        tokio::time::sleep(self.rotation.next_delay()).await;
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
+            if let Some(b) = self.pending.pop_front() {
+                return Ok(b);
             }
-            // The stream stays in `self` while this waits, so dropping this
-            // future (render and dns poll it inside select!) keeps the watch;
-            // tonic's `message()` keeps its state in the stream.
-            let (quiet, answer) = self.silence();
-            let deadline = self.heard + if self.probing { quiet + answer } else { quiet };
-            let Some(stream) = self.stream.as_mut() else {
+            if self.stream.is_none() && !self.reopen().await? {
+                continue;
+            }
+            let Some(resp) = self.receive().await else {
                 continue;
             };
-            let msg = tokio::select! {
-                m = stream.message() => m,
-                _ = tokio::time::sleep_until(deadline) => {
-                    if !self.probing {
-                        self.probing = true;
-                        let asked = tokio::time::timeout(answer, stream.request_progress()).await;
-                        if matches!(asked, Ok(Ok(()))) {
-                            continue;
-                        }
-                    }
-                    tracing::warn!(
-                        endpoint = self.etcd.endpoint(self.rotation.endpoint()),
-                        "the watch's member stopped answering (a paused or partitioned member); resuming on another endpoint"
-                    );
-                    self.stream = None;
-                    self.rotation.failed(self.etcd);
-                    continue;
-                }
-            };
-            self.heard = Instant::now();
-            self.probing = false;
-            let resp = match msg {
-                Ok(Some(r)) => r,
-                Ok(None) | Err(_) => {
-                    tracing::warn!(
-                        endpoint = self.etcd.endpoint(self.rotation.endpoint()),
-                        "watch stream lost; resuming"
-                    );
-                    self.stream = None;
-                    self.rotation.failed(self.etcd);
-                    continue;
-                }
-            };
-            // History that went backwards (a restore, a wiped or replaced
-            // cluster) looks like a healthy stream that never says anything
-            // again: etcd waits for revisions it will not reach for a long
-            // time. Notice it by the header and re-read, as after a
-            // compaction.
-            let behind = resp.header().is_some_and(|h| {
-                (self.cluster_id != 0 && h.cluster_id() != 0 && h.cluster_id() != self.cluster_id)
-                    || (h.revision() > 0 && h.revision() < self.revision)
-            });
-            if behind || resp.compact_revision() > 0 {
-                // Our history is gone: diff a fresh snapshot against what we
-                // had. The stream goes first, so that a re-read dropped half
-                // way starts over from a new watch rather than waiting on
-                // this one.
-                self.stream = None;
-                let (old_revision, old_cluster) = (self.revision, self.cluster_id);
-                // A clone, not a take: this future may be dropped during the
-                // re-read (render and watch poll it in a select!), and the
-                // mirror must then still be the last complete registry, never
-                // an empty one a render would write out.
-                let old = self.registry.clone();
-                let bad = self.resnapshot().await?;
-                bad.into_iter().for_each(&mut *report);
-                if self.cluster_id != old_cluster && old_cluster != 0 {
-                    tracing::warn!(
-                        "the etcd cluster changed (id {:x}, was {:x}); re-read the registry and reporting the difference",
-                        self.cluster_id,
-                        old_cluster
-                    );
-                } else if self.revision < old_revision {
-                    tracing::warn!(
-                        "the registry's history went backwards (revision {} after {}: a restore or a wiped cluster); re-read it and reporting the difference",
-                        self.revision,
-                        old_revision
-                    );
-                } else if resp.compact_revision() > 0 {
-                    tracing::info!(
-                        compacted = resp.compact_revision(),
-                        "the watch's history was compacted; re-read the registry and reporting the difference"
-                    );
-                } else {
-                    // A member a little behind the one the snapshot came from.
-                    tracing::debug!(
-                        "the watch's member was behind the last read; re-read the registry"
-                    );
-                }
-                let mut changes = Vec::new();
-                let ids: std::collections::BTreeSet<&HostId> =
-                    old.hosts.keys().chain(self.registry.hosts.keys()).collect();
-                for id in ids {
-                    let (before, after) = (old.hosts.get(id), self.registry.hosts.get(id));
-                    if before != after {
-                        changes.push((id.clone(), before.cloned(), after.cloned()));
-                    }
-                }
-                let keys = changed_keys(&old.raw, &self.registry.raw);
-                if !changes.is_empty() || !keys.is_empty() {
-                    return Ok(Batch {
-                        revision: self.revision,
-                        changes,
-                        keys,
-                        reset: true,
-                    });
+            if self.history_reset(&resp) {
+                if let Some(b) = self.reread(resp.compact_revision(), report).await? {
+                    return Ok(b);
                 }
                 continue;
             }
@@ -270,76 +155,217 @@ impl<'a> Follower<'a> {
                 self.stream = None;
                 continue;
             }
-            // Group the response's events by revision (one transaction
-            // each) and diff every touched host per revision.
-            let events = resp.events();
-            let mut i = 0;
-            while i < events.len() {
-                let rev = events[i].kv().map(|kv| kv.mod_revision()).unwrap_or(0);
-                let mut before: BTreeMap<HostId, Option<HostView>> = BTreeMap::new();
-                let mut keys = Vec::new();
-                while i < events.len()
-                    && events[i].kv().map(|kv| kv.mod_revision()).unwrap_or(0) == rev
-                {
-                    let ev = &events[i];
-                    i += 1;
-                    let Some(kv) = ev.kv() else { continue };
-                    let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    // Every key goes through the registry, so that its raw
-                    // keys are what a fresh read would find.
-                    if let Some((dir, _)) = crate::layout::parse_key(&self.prefix, &key) {
-                        let id = HostId {
-                            dc: dir.dc,
-                            role: dir.role,
-                            host: dir.host,
-                        };
-                        before
-                            .entry(id.clone())
-                            .or_insert_with(|| self.registry.hosts.get(&id).cloned());
-                    }
-                    match ev.event_type() {
-                        EventType::Put => {
-                            if let Err(m) = self.registry.put(
-                                &self.prefix,
-                                kv.key(),
-                                kv.value(),
-                                kv.lease(),
-                                rev,
-                            ) {
-                                report(m);
-                            }
-                        }
-                        EventType::Delete => {
-                            self.registry.delete(&self.prefix, kv.key(), rev);
-                        }
-                    }
-                    keys.push(key);
+            self.apply(&resp, report);
+        }
+    }
+
+    /// Opens the watch again. `Ok(false)`: this attempt failed over to
+    /// the next endpoint after a pause; try again.
+    async fn reopen(&mut self) -> Result<bool, EtcdError> {
+        match self.open().await {
+            Ok(s) => {
+                self.rotation.opened();
+                if let Some(ended) = self.outage.recovered() {
+                    tracing::info!("watching the registry again {}", ended.describe());
                 }
-                self.revision = self.revision.max(rev);
-                let changes = before
-                    .into_iter()
-                    .map(|(id, b)| {
-                        let after = self.registry.hosts.get(&id).cloned();
-                        (id, b, after)
-                    })
-                    .collect();
-                self.pending.push_back(Batch {
-                    revision: rev,
-                    changes,
-                    keys,
-                    reset: false,
-                });
+                self.stream = Some(s);
+                self.heard = Instant::now();
+                self.probing = false;
+                Ok(true)
             }
-            if resp.events().is_empty()
-                && !resp.created()
-                && let Some(h) = resp.header()
+            Err(e) if e.class().fails_over() => {
+                self.outage.failed(&e);
+                self.rotation.failed(self.etcd);
+                tokio::time::sleep(self.rotation.next_delay()).await;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The watch's next response, or `None` when the stream was lost or
+    /// its member went silent (it is then dropped, to be opened again on
+    /// the next endpoint) or a progress probe was sent.
+    ///
+    /// The stream stays in `self` while this waits, so dropping this
+    /// future (render and dns poll it inside select!) keeps the watch;
+    /// tonic's `message()` keeps its state in the stream.
+    async fn receive(&mut self) -> Option<etcd_client::WatchResponse> {
+        let (quiet, answer) = self.silence();
+        let deadline = self.heard + if self.probing { quiet + answer } else { quiet };
+        let stream = self.stream.as_mut()?;
+        let msg = tokio::select! {
+            m = stream.message() => m,
+            _ = tokio::time::sleep_until(deadline) => {
+                if !self.probing {
+                    self.probing = true;
+                    let asked = tokio::time::timeout(answer, stream.request_progress()).await;
+                    if matches!(asked, Ok(Ok(()))) {
+                        return None;
+                    }
+                }
+                tracing::warn!(
+                    endpoint = self.etcd.endpoint(self.rotation.endpoint()),
+                    "the watch's member stopped answering (a paused or partitioned member); resuming on another endpoint"
+                );
+                self.stream = None;
+                self.rotation.failed(self.etcd);
+                return None;
+            }
+        };
+        self.heard = Instant::now();
+        self.probing = false;
+        match msg {
+            Ok(Some(r)) => Some(r),
+            Ok(None) | Err(_) => {
+                tracing::warn!(
+                    endpoint = self.etcd.endpoint(self.rotation.endpoint()),
+                    "watch stream lost; resuming"
+                );
+                self.stream = None;
+                self.rotation.failed(self.etcd);
+                None
+            }
+        }
+    }
+
+    /// Whether the mirror's history is gone: a compaction, or history that
+    /// went backwards (a restore, a wiped or replaced cluster). The latter
+    /// looks like a healthy stream that never says anything again (etcd
+    /// waits for revisions it will not reach for a long time), so it is
+    /// noticed by the header.
+    fn history_reset(&self, resp: &etcd_client::WatchResponse) -> bool {
+        let behind = resp.header().is_some_and(|h| {
+            (self.cluster_id != 0 && h.cluster_id() != 0 && h.cluster_id() != self.cluster_id)
+                || (h.revision() > 0 && h.revision() < self.revision)
+        });
+        behind || resp.compact_revision() > 0
+    }
+
+    /// Reads the registry afresh and diffs it against the mirror: the
+    /// difference as one batch marked `reset`, or `None` when nothing
+    /// changed.
+    async fn reread(
+        &mut self,
+        compacted: i64,
+        report: &mut dyn FnMut(Malformed),
+    ) -> Result<Option<Batch>, EtcdError> {
+        // The stream goes first, so that a re-read dropped half way starts
+        // over from a new watch rather than waiting on this one.
+        self.stream = None;
+        let (old_revision, old_cluster) = (self.revision, self.cluster_id);
+        // A clone, not a take: this future may be dropped during the
+        // re-read (render and watch poll it in a select!), and the mirror
+        // must then still be the last complete registry, never an empty one
+        // a render would write out.
+        let old = self.registry.clone();
+        let bad = self.resnapshot().await?;
+        bad.into_iter().for_each(&mut *report);
+        if self.cluster_id != old_cluster && old_cluster != 0 {
+            tracing::warn!(
+                "the etcd cluster changed (id {:x}, was {:x}); re-read the registry and reporting the difference",
+                self.cluster_id,
+                old_cluster
+            );
+        } else if self.revision < old_revision {
+            tracing::warn!(
+                "the registry's history went backwards (revision {} after {}: a restore or a wiped cluster); re-read it and reporting the difference",
+                self.revision,
+                old_revision
+            );
+        } else if compacted > 0 {
+            tracing::info!(
+                compacted,
+                "the watch's history was compacted; re-read the registry and reporting the difference"
+            );
+        } else {
+            // A member a little behind the one the snapshot came from.
+            tracing::debug!("the watch's member was behind the last read; re-read the registry");
+        }
+        let mut changes = Vec::new();
+        let ids: std::collections::BTreeSet<&HostId> =
+            old.hosts.keys().chain(self.registry.hosts.keys()).collect();
+        for id in ids {
+            let (before, after) = (old.hosts.get(id), self.registry.hosts.get(id));
+            if before != after {
+                changes.push((id.clone(), before.cloned(), after.cloned()));
+            }
+        }
+        let keys = changed_keys(&old.raw, &self.registry.raw);
+        if changes.is_empty() && keys.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Batch {
+            revision: self.revision,
+            changes,
+            keys,
+            reset: true,
+        }))
+    }
+
+    /// Applies a response's events to the mirror, one batch per revision
+    /// (one transaction each), every touched host diffed per revision.
+    fn apply(&mut self, resp: &etcd_client::WatchResponse, report: &mut dyn FnMut(Malformed)) {
+        let events = resp.events();
+        let mut i = 0;
+        while i < events.len() {
+            let rev = events[i].kv().map(|kv| kv.mod_revision()).unwrap_or(0);
+            let mut before: BTreeMap<HostId, Option<HostView>> = BTreeMap::new();
+            let mut keys = Vec::new();
+            while i < events.len() && events[i].kv().map(|kv| kv.mod_revision()).unwrap_or(0) == rev
             {
-                // A progress notification: nothing is pending below it.
-                self.revision = self.revision.max(h.revision());
+                let ev = &events[i];
+                i += 1;
+                let Some(kv) = ev.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                // Every key goes through the registry, so that its raw
+                // keys are what a fresh read would find.
+                if let Some((dir, _)) = crate::layout::parse_key(&self.prefix, &key) {
+                    let id = HostId {
+                        dc: dir.dc,
+                        role: dir.role,
+                        host: dir.host,
+                    };
+                    before
+                        .entry(id.clone())
+                        .or_insert_with(|| self.registry.hosts.get(&id).cloned());
+                }
+                match ev.event_type() {
+                    EventType::Put => {
+                        if let Err(m) =
+                            self.registry
+                                .put(&self.prefix, kv.key(), kv.value(), kv.lease(), rev)
+                        {
+                            report(m);
+                        }
+                    }
+                    EventType::Delete => {
+                        self.registry.delete(&self.prefix, kv.key(), rev);
+                    }
+                }
+                keys.push(key);
             }
-            if let Some(b) = self.pending.pop_front() {
-                return Ok(b);
-            }
+            self.revision = self.revision.max(rev);
+            let changes = before
+                .into_iter()
+                .map(|(id, b)| {
+                    let after = self.registry.hosts.get(&id).cloned();
+                    (id, b, after)
+                })
+                .collect();
+            self.pending.push_back(Batch {
+                revision: rev,
+                changes,
+                keys,
+                reset: false,
+            });
+        }
+        if events.is_empty()
+            && !resp.created()
+            && let Some(h) = resp.header()
+        {
+            // A progress notification: nothing is pending below it.
+            self.revision = self.revision.max(h.revision());
         }
     }
 }
