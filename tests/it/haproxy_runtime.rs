@@ -1,8 +1,9 @@
 //! `render` with `haproxy: {socket}`: server changes reach a real haproxy
 //! 2.6 (master-worker, stats socket at level admin) through its runtime
 //! API, with no reload; anything else, and a socket that is gone, reloads.
-//! The backends are real TCP servers that answer each line with their
-//! name and keep the connection open.
+//! The backends are real HTTP/1.1 servers that answer every request with
+//! their name and keep the connection alive; haproxy passes connections
+//! through (mode tcp), so a long-lived connection stays on one server.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,8 +16,9 @@ use crate::render::Dir;
 use crate::support::proc::{Agent, cmd, host_args, registrar, run_with};
 use crate::support::{Cluster, eventually, free_port};
 
-/// A backend: answers every line it reads with its name, on the same
-/// connection, until the client closes it.
+/// A backend: an HTTP/1.1 server that answers every request with its
+/// name, and keeps the connection open for the next one (keep-alive)
+/// until the client closes it.
 struct Backend {
     name: String,
     port: u16,
@@ -27,15 +29,19 @@ impl Backend {
     async fn start(name: &str) -> Backend {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let reply = format!("{name}\n");
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{name}",
+            name.len()
+        );
         let task = tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
                 let reply = reply.clone();
                 tokio::spawn(async move {
                     let (r, mut w) = sock.into_split();
                     let mut lines = BufReader::new(r).lines();
-                    while let Ok(Some(_)) = lines.next_line().await {
-                        if w.write_all(reply.as_bytes()).await.is_err() {
+                    // A request ends with an empty line (GETs have no body).
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if line.is_empty() && w.write_all(reply.as_bytes()).await.is_err() {
                             break;
                         }
                     }
@@ -56,9 +62,10 @@ impl Drop for Backend {
     }
 }
 
-/// One connection through haproxy: which backend answers it.
+/// One HTTP/1.1 keep-alive connection through haproxy: which backend
+/// answers each request on it.
 struct Conn {
-    lines: tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    r: BufReader<tokio::net::tcp::OwnedReadHalf>,
     w: tokio::net::tcp::OwnedWriteHalf,
 }
 
@@ -69,19 +76,51 @@ impl Conn {
             .map_err(|e| e.to_string())?;
         let (r, w) = s.into_split();
         Ok(Conn {
-            lines: BufReader::new(r).lines(),
+            r: BufReader::new(r),
             w,
         })
     }
 
+    /// One `GET /`: the body of the answer (the backend's name).
     async fn ask(&mut self) -> Result<String, String> {
+        use tokio::io::AsyncReadExt;
         let go = async {
-            self.w.write_all(b"hi\n").await.map_err(|e| e.to_string())?;
-            match self.lines.next_line().await {
-                Ok(Some(l)) => Ok(l),
-                Ok(None) => Err("closed".to_string()),
-                Err(e) => Err(e.to_string()),
+            self.w
+                .write_all(b"GET / HTTP/1.1\r\nHost: registrar.test\r\n\r\n")
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut length = None;
+            let mut status = None;
+            loop {
+                let mut line = String::new();
+                match self.r.read_line(&mut line).await {
+                    Ok(0) => return Err("closed".to_string()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+                let line = line.trim_end();
+                if status.is_none() {
+                    status = Some(line.to_string());
+                } else if line.is_empty() {
+                    break;
+                } else if let Some(n) = line
+                    .to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+                {
+                    length = Some(n);
+                }
             }
+            let status = status.unwrap_or_default();
+            if !status.starts_with("HTTP/1.1 200") {
+                return Err(status);
+            }
+            let mut body = vec![0; length.ok_or("no Content-Length")?];
+            self.r
+                .read_exact(&mut body)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(String::from_utf8_lossy(&body).into_owned())
         };
         tokio::time::timeout(Duration::from_secs(3), go)
             .await
