@@ -642,12 +642,21 @@ fn update(backend: &str, was: &Server, now: &Server) -> Result<Vec<Change>, Relo
             port,
         });
     }
-    if was.weight.unwrap_or(1) != now.weight.unwrap_or(1) {
-        out.push(Change::Weight {
+    match (was.weight, now.weight) {
+        (_, Some(w)) if was.weight != Some(w) => out.push(Change::Weight {
             backend: backend.into(),
             server: name.clone(),
-            weight: now.weight.unwrap_or(1),
-        });
+            weight: w,
+        }),
+        // Without `weight` the server takes its default-server's, which
+        // this parser does not follow: a reload sets it.
+        (Some(_), None) => {
+            return Err(reload(
+                "server",
+                format!("server {backend}/{name} drops its weight"),
+            ));
+        }
+        _ => {}
     }
     if was.disabled != now.disabled {
         out.push(Change::State {
@@ -738,12 +747,14 @@ mod tests {
                 disabled: false
             }])
         );
-        // weight 1 is the default.
+        // A weight set is a change; a weight dropped is a reload (the
+        // default may come from a default-server, which is not followed).
         let one = BASE.replace(
             "server b 10.0.0.2:80 check inter 1s",
             "server b 10.0.0.2:80 check inter 1s weight 1",
         );
-        assert_eq!(planned(BASE, &one), Ok(vec![]));
+        assert_eq!(planned(BASE, &one).map(|c| c.len()), Ok(1));
+        assert_eq!(planned(&one, BASE).unwrap_err().reason, "server");
     }
 
     #[test]

@@ -203,12 +203,13 @@ pub fn runs(
                     s.addr
                 ));
             }
-            if r.weight != s.weight.unwrap_or(1) {
+            // Without `weight` the line takes a default-server's, or 1.
+            if let Some(w) = s.weight
+                && r.weight != w
+            {
                 return Err(format!(
-                    "haproxy runs {backend}/{} with weight {}, not {}",
-                    s.name,
-                    r.weight,
-                    s.weight.unwrap_or(1)
+                    "haproxy runs {backend}/{} with weight {}, not {w}",
+                    s.name, r.weight
                 ));
             }
             if r.in_maintenance() != s.disabled {
