@@ -187,39 +187,114 @@ struct Seen {
     mod_revision: i64,
 }
 
-/// Builds the conditional write: each desired key must either not exist or
-/// still be exactly as seen; keys seen but no longer desired are deleted
-/// under the same condition. On failure the host's directories are read back.
-fn write_txn(desired: &Desired, lease: LeaseId, seen: &BTreeMap<String, Seen>) -> Txn {
-    let mut compares = Vec::new();
+/// One condition of a registration's transaction, as plain data (so the
+/// transactions can be checked without etcd).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Cond {
+    /// The key does not exist (`create_revision == 0`: never existed, or
+    /// deleted since; the only state in which a put overwrites no one).
+    Absent(String),
+    /// The key is exactly as read (`mod_revision` unchanged).
+    Unchanged(String, i64),
+    /// The key hangs on this lease.
+    OnLease(String, LeaseId),
+}
+
+/// One operation of a registration's transaction, as plain data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Op {
+    /// Put the key with the registration's lease.
+    Put(String, String),
+    Delete(String),
+}
+
+/// The conditional write: each desired key must either not exist or still
+/// be exactly as seen; keys seen but no longer desired are deleted under
+/// the same condition.
+fn write_plan(desired: &Desired, seen: &BTreeMap<String, Seen>) -> (Vec<Cond>, Vec<Op>) {
+    let mut conds = Vec::new();
     let mut ops = Vec::new();
     for (key, value) in &desired.kvs {
-        compares.push(match seen.get(key) {
-            // Why create_revision: 0 means "never existed or deleted since",
-            // the only state in which a put cannot overwrite anyone.
-            None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
-            Some(s) => Compare::mod_revision(key.as_str(), CompareOp::Equal, s.mod_revision),
+        conds.push(match seen.get(key) {
+            None => Cond::Absent(key.clone()),
+            Some(s) => Cond::Unchanged(key.clone(), s.mod_revision),
         });
-        ops.push(TxnOp::put(
-            key.as_str(),
-            value.as_str(),
-            Some(PutOptions::new().with_lease(lease.get())),
-        ));
+        ops.push(Op::Put(key.clone(), value.clone()));
     }
     for (key, s) in seen {
         if !desired.kvs.contains_key(key) {
-            compares.push(Compare::mod_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                s.mod_revision,
-            ));
-            ops.push(TxnOp::delete(key.as_str(), None));
+            conds.push(Cond::Unchanged(key.clone(), s.mod_revision));
+            ops.push(Op::Delete(key.clone()));
         }
     }
-    Txn::new()
-        .when(compares)
-        .and_then(ops)
-        .or_else(dir_reads(desired))
+    (conds, ops)
+}
+
+/// An update on the same lease (design.md rule 7): it holds while every
+/// directory we already own still has its `owner` on our lease; the keys
+/// of directories new to this registration (a role added by reload) must
+/// not exist yet. Only what changed is written; what is no longer desired
+/// is deleted.
+fn update_plan(old: &Desired, new: &Desired, lease: LeaseId) -> (Vec<Cond>, Vec<Op>) {
+    let old_dirs: BTreeSet<String> = old.dirs.iter().map(HostDir::dir).collect();
+    let mut conds = Vec::new();
+    for dir in &new.dirs {
+        if old_dirs.contains(&dir.dir()) {
+            conds.push(Cond::OnLease(dir.key(&Leaf::Owner), lease));
+        }
+    }
+    for dir in &old.dirs {
+        if !new.dirs.contains(dir) {
+            conds.push(Cond::OnLease(dir.key(&Leaf::Owner), lease));
+        }
+    }
+    let mut ops = Vec::new();
+    for (key, value) in &new.kvs {
+        let in_old_dir = old_dirs.iter().any(|d| key.starts_with(d.as_str()));
+        if !in_old_dir {
+            conds.push(Cond::Absent(key.clone()));
+        }
+        if old.kvs.get(key) != Some(value) {
+            ops.push(Op::Put(key.clone(), value.clone()));
+        }
+    }
+    for key in old.kvs.keys() {
+        if !new.kvs.contains_key(key) {
+            ops.push(Op::Delete(key.clone()));
+        }
+    }
+    (conds, ops)
+}
+
+/// A plan as an etcd transaction, its puts on `lease`.
+fn txn_of(conds: &[Cond], ops: &[Op], lease: LeaseId) -> Txn {
+    let compares: Vec<Compare> = conds
+        .iter()
+        .map(|c| match c {
+            Cond::Absent(k) => Compare::create_revision(k.as_str(), CompareOp::Equal, 0),
+            Cond::Unchanged(k, rev) => Compare::mod_revision(k.as_str(), CompareOp::Equal, *rev),
+            Cond::OnLease(k, l) => Compare::lease(k.as_str(), CompareOp::Equal, l.get()),
+        })
+        .collect();
+    let ops: Vec<TxnOp> = ops
+        .iter()
+        .map(|o| match o {
+            Op::Put(k, v) => TxnOp::put(
+                k.as_str(),
+                v.as_str(),
+                Some(PutOptions::new().with_lease(lease.get())),
+            ),
+            Op::Delete(k) => TxnOp::delete(k.as_str(), None),
+        })
+        .collect();
+    Txn::new().when(compares).and_then(ops)
+}
+
+/// The conditional write ([`write_plan`]); on failure the host's
+/// directories are read back.
+fn write_txn(desired: &Desired, lease: LeaseId, seen: &BTreeMap<String, Seen>) -> Txn {
+    let (conds, ops) = write_plan(desired, seen);
+    txn_of(&conds, &ops, lease).or_else(dir_reads(desired))
 }
 
 fn collect_seen(resp: &etcd_client::TxnResponse) -> BTreeMap<String, Seen> {
@@ -373,46 +448,8 @@ pub async fn update(
     new: &Desired,
     lease: LeaseId,
 ) -> Result<Option<Revision>, RegisterError> {
-    let old_dirs: BTreeSet<String> = old.dirs.iter().map(HostDir::dir).collect();
-    let mut compares = Vec::new();
-    for dir in &new.dirs {
-        if old_dirs.contains(&dir.dir()) {
-            compares.push(Compare::lease(
-                dir.key(&Leaf::Owner),
-                CompareOp::Equal,
-                lease.get(),
-            ));
-        }
-    }
-    for dir in &old.dirs {
-        if !new.dirs.contains(dir) {
-            compares.push(Compare::lease(
-                dir.key(&Leaf::Owner),
-                CompareOp::Equal,
-                lease.get(),
-            ));
-        }
-    }
-    let mut ops = Vec::new();
-    for (key, value) in &new.kvs {
-        let in_old_dir = old_dirs.iter().any(|d| key.starts_with(d.as_str()));
-        if !in_old_dir {
-            compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
-        }
-        if old.kvs.get(key) != Some(value) {
-            ops.push(TxnOp::put(
-                key.as_str(),
-                value.as_str(),
-                Some(PutOptions::new().with_lease(lease.get())),
-            ));
-        }
-    }
-    for key in old.kvs.keys() {
-        if !new.kvs.contains_key(key) {
-            ops.push(TxnOp::delete(key.as_str(), None));
-        }
-    }
-    let resp = run_txn(etcd, "update", Txn::new().when(compares).and_then(ops)).await?;
+    let (conds, ops) = update_plan(old, new, lease);
+    let resp = run_txn(etcd, "update", txn_of(&conds, &ops, lease)).await?;
     if resp.succeeded() {
         Ok(Revision::of_header(resp.header()))
     } else {
@@ -577,4 +614,124 @@ pub async fn verify(etcd: &Etcd, desired: &Desired, lease: LeaseId) -> Result<Ve
     } else {
         Verified::Changed
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(roles: &[&str], health: &str, meta: &[(&str, &str)]) -> Desired {
+        let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+        let services = BTreeMap::from([("http".to_string(), 8080u16)]);
+        let meta: BTreeMap<String, String> = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let checks = BTreeMap::new();
+        Desired::build(
+            &Spec {
+                prefix: "/infrastructure",
+                dc: "dc1",
+                roles: &roles,
+                services: &services,
+                meta: &meta,
+                health,
+                checks: &checks,
+                passing: 0,
+                maintenance: None,
+                withdrawn: false,
+            },
+            &Identity {
+                host: "h1".into(),
+                ip: "10.0.0.5".parse().unwrap(),
+                machine_id: "m1".into(),
+            },
+        )
+    }
+
+    fn seen(key: &str, value: &str, rev: i64) -> (String, Seen) {
+        (
+            key.to_string(),
+            Seen {
+                key: key.to_string(),
+                value: value.to_string(),
+                lease: None,
+                mod_revision: rev,
+            },
+        )
+    }
+
+    const W: &str = "/infrastructure/dc1/web/h1";
+
+    #[test]
+    fn a_first_write_puts_every_key_only_where_none_exists() {
+        let d = desired(&["web"], "passing", &[]);
+        let (conds, ops) = write_plan(&d, &BTreeMap::new());
+        let keys: Vec<&String> = d.kvs.keys().collect();
+        assert_eq!(keys.len(), 4, "{keys:?}");
+        assert_eq!(
+            conds,
+            keys.iter()
+                .map(|k| Cond::Absent(k.to_string()))
+                .collect::<Vec<_>>()
+        );
+        assert!(ops.iter().all(|o| matches!(o, Op::Put(..))));
+        assert!(ops.contains(&Op::Put(format!("{W}/owner"), "m1".into())));
+        assert!(ops.contains(&Op::Put(format!("{W}/ip"), "10.0.0.5".into())));
+    }
+
+    #[test]
+    fn a_takeover_writes_over_exactly_what_it_read_and_deletes_leftovers() {
+        let d = desired(&["web"], "passing", &[]);
+        // Our earlier incarnation's keys, one of them no longer desired.
+        let read: BTreeMap<String, Seen> = [
+            seen(&format!("{W}/owner"), "m1", 5),
+            seen(&format!("{W}/ip"), "10.0.0.4", 5),
+            seen(&format!("{W}/meta/old"), "x", 6),
+        ]
+        .into();
+        let (conds, ops) = write_plan(&d, &read);
+        assert!(conds.contains(&Cond::Unchanged(format!("{W}/owner"), 5)));
+        assert!(conds.contains(&Cond::Unchanged(format!("{W}/ip"), 5)));
+        assert!(conds.contains(&Cond::Absent(format!("{W}/health"))));
+        assert!(conds.contains(&Cond::Unchanged(format!("{W}/meta/old"), 6)));
+        assert!(ops.contains(&Op::Delete(format!("{W}/meta/old"))));
+        assert!(ops.contains(&Op::Put(format!("{W}/ip"), "10.0.0.5".into())));
+        // No put without a condition on its key.
+        for op in &ops {
+            let Op::Put(k, _) = op else { continue };
+            assert!(
+                conds
+                    .iter()
+                    .any(|c| matches!(c, Cond::Absent(x) | Cond::Unchanged(x, _) if x == k)),
+                "{k} is put unconditionally"
+            );
+        }
+    }
+
+    #[test]
+    fn an_update_writes_only_what_changed_on_the_lease_it_holds() {
+        let lease = LeaseId::of(7).unwrap();
+        let old = desired(&["web"], "passing", &[("rack", "r1")]);
+        // Health changed, meta removed, a role added.
+        let new = desired(&["web", "db"], "critical", &[]);
+        let (conds, ops) = update_plan(&old, &new, lease);
+        // Guarded by our lease on the directory we own...
+        assert!(conds.contains(&Cond::OnLease(format!("{W}/owner"), lease)));
+        // ...and the new role's keys must not exist yet.
+        let db = "/infrastructure/dc1/db/h1";
+        assert!(conds.contains(&Cond::Absent(format!("{db}/owner"))));
+        assert!(!conds.contains(&Cond::OnLease(format!("{db}/owner"), lease)));
+        assert!(ops.contains(&Op::Put(format!("{W}/health"), "critical".into())));
+        assert!(ops.contains(&Op::Delete(format!("{W}/meta/rack"))));
+        assert!(ops.contains(&Op::Put(format!("{db}/owner"), "m1".into())));
+        // Unchanged keys are not written again (no steady-state writes).
+        assert!(
+            !ops.iter()
+                .any(|o| matches!(o, Op::Put(k, _) if k == &format!("{W}/ip")))
+        );
+        // Nothing changed: nothing to write.
+        let (_, none) = update_plan(&old, &old, lease);
+        assert!(none.is_empty(), "{none:?}");
+    }
 }
