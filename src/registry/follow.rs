@@ -282,25 +282,7 @@ impl<'a> Follower<'a> {
             // A member a little behind the one the snapshot came from.
             tracing::debug!("the watch's member was behind the last read; re-read the registry");
         }
-        let mut changes = Vec::new();
-        let ids: std::collections::BTreeSet<&HostId> =
-            old.hosts.keys().chain(self.registry.hosts.keys()).collect();
-        for id in ids {
-            let (before, after) = (old.hosts.get(id), self.registry.hosts.get(id));
-            if before != after {
-                changes.push((id.clone(), before.cloned(), after.cloned()));
-            }
-        }
-        let keys = changed_keys(&old.raw, &self.registry.raw);
-        if changes.is_empty() && keys.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(Batch {
-            revision: self.revision,
-            changes,
-            keys,
-            reset: true,
-        }))
+        Ok(reset_batch(&old, &self.registry, self.revision))
     }
 
     /// Applies a response's events to the mirror, one batch per revision
@@ -370,6 +352,31 @@ impl<'a> Follower<'a> {
     }
 }
 
+/// What a re-read changed, as one batch marked `reset`: every host whose
+/// state differs and every key whose value does, or `None` when the two
+/// registries are the same.
+fn reset_batch(old: &Registry, new: &Registry, revision: i64) -> Option<Batch> {
+    let mut changes = Vec::new();
+    let ids: std::collections::BTreeSet<&HostId> =
+        old.hosts.keys().chain(new.hosts.keys()).collect();
+    for id in ids {
+        let (before, after) = (old.hosts.get(id), new.hosts.get(id));
+        if before != after {
+            changes.push((id.clone(), before.cloned(), after.cloned()));
+        }
+    }
+    let keys = changed_keys(&old.raw, &new.raw);
+    if changes.is_empty() && keys.is_empty() {
+        return None;
+    }
+    Some(Batch {
+        revision,
+        changes,
+        keys,
+        reset: true,
+    })
+}
+
 /// The keys whose value differs between two raw registries.
 fn changed_keys(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> Vec<String> {
     let mut keys: Vec<String> = old
@@ -379,4 +386,61 @@ fn changed_keys(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) 
         .collect();
     keys.extend(new.keys().filter(|k| !old.contains_key(*k)).cloned());
     keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &str = "/infrastructure";
+
+    fn put(r: &mut Registry, key: &str, value: &str, rev: i64) {
+        r.put(P, format!("{P}/{key}").as_bytes(), value.as_bytes(), 1, rev)
+            .unwrap();
+    }
+
+    fn host(r: &mut Registry, dir: &str, ip: &str, rev: i64) {
+        put(r, &format!("{dir}/ip"), ip, rev);
+        put(r, &format!("{dir}/health"), "passing", rev);
+    }
+
+    #[test]
+    fn a_reread_reports_every_host_and_key_that_differs_once() {
+        let mut old = Registry::default();
+        host(&mut old, "dc1/web/a", "10.0.0.1", 2);
+        host(&mut old, "dc1/web/b", "10.0.0.2", 3);
+        put(&mut old, "dc1/web/b/meta/rack", "r1", 3);
+        // A restore to an older snapshot: a gone, b's meta changed, c new.
+        let mut new = Registry::default();
+        host(&mut new, "dc1/web/b", "10.0.0.2", 2);
+        put(&mut new, "dc1/web/b/meta/rack", "r2", 2);
+        host(&mut new, "dc1/web/c", "10.0.0.3", 2);
+        let b = reset_batch(&old, &new, 2).unwrap();
+        assert!(b.reset);
+        assert_eq!(b.revision, 2);
+        let hosts: Vec<(String, bool, bool)> = b
+            .changes
+            .iter()
+            .map(|(id, before, after)| (id.host.clone(), before.is_some(), after.is_some()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                ("a".to_string(), true, false),
+                ("b".to_string(), true, true),
+                ("c".to_string(), false, true)
+            ]
+        );
+        let keys: std::collections::BTreeSet<&str> = b.keys.iter().map(String::as_str).collect();
+        for k in [
+            "/infrastructure/dc1/web/a/ip",
+            "/infrastructure/dc1/web/b/meta/rack",
+            "/infrastructure/dc1/web/c/ip",
+        ] {
+            assert!(keys.contains(k), "{k} not in {keys:?}");
+        }
+        assert!(!keys.contains("/infrastructure/dc1/web/b/ip"), "{keys:?}");
+        // The same registry read again: nothing to report.
+        assert!(reset_batch(&new, &new, 3).is_none());
+    }
 }
