@@ -917,6 +917,21 @@ fn main() {
     }
 }
 
+/// Waits until the baseline loop has rendered nothing for 500 ms (at most
+/// 20 s): no read of it is in flight.
+async fn settled(renders: &AtomicU64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = renders.load(Ordering::Relaxed);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = renders.load(Ordering::Relaxed);
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// The number of Range requests a member has served.
 async fn range_requests(endpoint: &str) -> f64 {
     metrics_text(endpoint)
@@ -1136,6 +1151,11 @@ async fn render_bench(n: usize) -> Vec<(String, String)> {
             ));
         } else {
             let metric_url = format!("http://127.0.0.1:{metrics_port}");
+            // Both loops idle first: a baseline read in flight while the
+            // counters are taken would be counted on one side only (a
+            // range the member counted before, a render the baseline
+            // counts after), which once showed registrar at -1 requests.
+            settled(&renders).await;
             let renders_before = metric(&metric_url, "registrar_render_renders_total").await;
             let ranges_before = range_requests(&endpoint).await;
             let base_before = renders.load(Ordering::Relaxed);
@@ -1156,7 +1176,7 @@ async fn render_bench(n: usize) -> Vec<(String, String)> {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             // Let a late render show itself before counting.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            settled(&renders).await;
             let (cpu1, rss) = proc_usage(pid);
             let renders_after = metric(&metric_url, "registrar_render_renders_total").await;
             let ranges = range_requests(&endpoint).await - ranges_before;
