@@ -157,16 +157,27 @@ async fn run_mode(
         ),
     )
     .expect("config");
+    let metrics = free_port();
     let _render = Agent::spawn(
         "render",
         &[
             "render".to_string(),
             "--config".into(),
             cfg.to_string_lossy().into_owned(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{metrics}"),
         ],
     );
-    // Settled: render is running (its first render finds the file unchanged).
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Ready: render's first render is done (it found the file unchanged).
+    let health = format!("http://127.0.0.1:{metrics}/health");
+    let started = Instant::now();
+    while !super::support::etcd::try_http_get(&health)
+        .await
+        .is_ok_and(|h| h.contains("200 OK"))
+        && started.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Change → routing: one address change at a time, until haproxy runs it.
     let mut latencies = Vec::new();
