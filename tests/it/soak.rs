@@ -56,6 +56,8 @@ struct Injected {
     fault: Fault,
     start: Instant,
     end: Instant,
+    /// A wipe's revision: the one revision whose deletes are the wipe's.
+    revision: Option<i64>,
 }
 
 struct Host {
@@ -220,6 +222,7 @@ async fn soak() {
         }
         for fault in faults {
             let start = Instant::now();
+            let mut revision = None;
             match &fault {
                 Fault::KillMember(i) => {
                     cluster.kill(*i);
@@ -249,18 +252,25 @@ async fn soak() {
                 }
                 Fault::Wipe => {
                     let mut c = cluster.client().await;
-                    let _ = c
+                    revision = c
                         .delete(
                             "/infrastructure/soak/",
                             Some(etcd_client::DeleteOptions::new().with_prefix()),
                         )
-                        .await;
+                        .await
+                        .ok()
+                        .and_then(|r| r.header().map(|h| h.revision()));
                 }
                 Fault::Replace => cluster.wipe_all_and_restart().await,
             }
             let end = Instant::now();
             let big = matches!(fault, Fault::Wipe | Fault::Replace);
-            injected.push(Injected { fault, start, end });
+            injected.push(Injected {
+                fault,
+                start,
+                end,
+                revision,
+            });
             if big {
                 // The consumers follow the registry again within settle + 5 s.
                 let c = cluster.client().await;
@@ -310,7 +320,7 @@ async fn soak() {
             clobbers.push(format!("{} written by {}", e.key, e.value));
         }
         if !e.put {
-            open.insert(host, (e.at, judge.cause(idx, e.at)));
+            open.insert(host, (e.at, judge.cause(idx, e.at, e.revision)));
         } else if let Some((at, cause)) = open.remove(&host) {
             gaps.push(Gap {
                 host,
@@ -687,7 +697,7 @@ fn timed_lines(log: &str) -> Vec<(std::time::SystemTime, String)> {
 
 impl Judge<'_> {
     /// The injected fault that explains host `idx` losing its keys at `at`.
-    fn cause(&self, idx: usize, at: Instant) -> Cause {
+    fn cause(&self, idx: usize, at: Instant, revision: i64) -> Cause {
         let slack = Duration::from_secs(2);
         let found = |f: &dyn Fn(&Injected) -> bool| self.injected.iter().rposition(f);
         // The lease expires up to a TTL after the last keep-alive before the
@@ -711,9 +721,20 @@ impl Judge<'_> {
         }) {
             return Cause::Restart(i);
         }
-        if let Some(i) =
-            found(&|f| matches!(f.fault, Fault::Wipe) && at >= f.start && at <= f.end + slack)
-        {
+        if let Some(i) = found(&|f| {
+            // The wipe's own revision: a host that came back and lost
+            // its keys again soon after lost them to something else
+            // (a stale leader's revoke, say). Without the revision, by
+            // time.
+            matches!(f.fault, Fault::Wipe)
+                && at >= f.start
+                && match f.revision {
+                    // Revisions start again in a replaced cluster: the
+                    // wipe's is only looked for near it.
+                    Some(r) => r == revision && at <= f.end + Duration::from_secs(60),
+                    None => at <= f.end + slack,
+                }
+        }) {
             return Cause::Wipe(i);
         }
         // etcd issues 12528 and 15247: a leader that was stopped longer
