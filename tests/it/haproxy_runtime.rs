@@ -81,6 +81,23 @@ impl Conn {
         })
     }
 
+    /// A connection that lands on backend `name`: new ones are opened
+    /// (round robin spreads them) until one does, within 10 s.
+    async fn to(port: u16, name: &str) -> Conn {
+        eventually(
+            Duration::from_secs(10),
+            &format!("a connection to {name}"),
+            || async {
+                let mut c = Conn::open(port).await?;
+                match c.ask().await {
+                    Ok(got) if got == name => Ok(c),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await
+    }
+
     /// One `GET /`: the body of the answer (the backend's name).
     async fn ask(&mut self) -> Result<String, String> {
         use tokio::io::AsyncReadExt;
@@ -424,12 +441,7 @@ async fn server_changes_reach_haproxy_at_runtime_with_no_reload() {
     .await;
 
     // A long-lived connection to `keep`, which no change touches.
-    let mut long = loop {
-        let mut c = Conn::open(s.port).await.unwrap();
-        if c.ask().await.as_deref() == Ok("keep") {
-            break c;
-        }
-    };
+    let mut long = Conn::to(s.port, "keep").await;
 
     // A host added: in the traffic within 1 s, with no reload.
     let a3 = agent(&s.eps, &s.d, "web", &b3);
@@ -744,12 +756,7 @@ async fn a_removed_server_drains_then_is_deleted_even_across_a_render_restart() 
     let mut s = setup(d, cluster, 3).await;
     let pid = s.haproxy.worker().await.unwrap();
     // A connection to b1, open while b1 is removed.
-    let mut on_b1 = loop {
-        let mut c = Conn::open(s.port).await.unwrap();
-        if c.ask().await.as_deref() == Ok("b1") {
-            break c;
-        }
-    };
+    let mut on_b1 = Conn::to(s.port, "b1").await;
     a1.signal(Signal::SIGTERM);
     registry_says(&s, "b1", "health", &[Some("leaving"), None]).await;
     eventually(Duration::from_secs(5), "b1 in maintenance", || async {
@@ -788,12 +795,7 @@ async fn a_removed_server_drains_then_is_deleted_even_across_a_render_restart() 
 
     // render killed while b2 drains: the next render finds b2 in
     // maintenance, and deletes it once drained, without a reload.
-    let mut on_b2 = loop {
-        let mut c = Conn::open(s.port).await.unwrap();
-        if c.ask().await.as_deref() == Ok("b2") {
-            break c;
-        }
-    };
+    let mut on_b2 = Conn::to(s.port, "b2").await;
     a2.signal(Signal::SIGTERM);
     registry_says(&s, "b2", "health", &[Some("leaving"), None]).await;
     eventually(Duration::from_secs(5), "b2 in maintenance", || async {
