@@ -42,52 +42,33 @@ const SECTIONS: &[&str] = &[
 ];
 
 /// Keywords `add server` takes in haproxy 2.6 (management.txt, "add
-/// server"). A new server with another keyword cannot be added at runtime.
-const ADDABLE: &[&str] = &[
+/// server") that are followed by a value; [`FLAGS`] are the ones that
+/// stand alone. A new server with another keyword cannot be added at
+/// runtime.
+const VALUED: &[&str] = &[
     "agent-addr",
-    "agent-check",
     "agent-inter",
     "agent-port",
     "agent-send",
-    "allow-0rtt",
     "alpn",
     "addr",
-    "backup",
     "ca-file",
-    "check",
     "check-alpn",
     "check-proto",
-    "check-send-proxy",
     "check-sni",
-    "check-ssl",
-    "check-via-socks4",
     "ciphers",
     "ciphersuites",
     "crl-file",
     "crt",
-    "disabled",
     "downinter",
-    "enabled",
     "error-limit",
     "fall",
     "fastinter",
-    "force-sslv3",
-    "force-tlsv10",
-    "force-tlsv11",
-    "force-tlsv12",
-    "force-tlsv13",
     "id",
     "inter",
     "maxconn",
     "maxqueue",
     "minconn",
-    "no-ssl-reuse",
-    "no-sslv3",
-    "no-tlsv10",
-    "no-tlsv11",
-    "no-tlsv12",
-    "no-tlsv13",
-    "no-tls-tickets",
     "npn",
     "observe",
     "on-error",
@@ -100,18 +81,11 @@ const ADDABLE: &[&str] = &[
     "proto",
     "proxy-v2-options",
     "rise",
-    "send-proxy",
-    "send-proxy-v2",
-    "send-proxy-v2-ssl",
-    "send-proxy-v2-ssl-cn",
     "slowstart",
     "sni",
     "source",
-    "ssl",
     "ssl-max-ver",
     "ssl-min-ver",
-    "tfo",
-    "tls-tickets",
     "track",
     "usesrc",
     "verify",
@@ -120,7 +94,7 @@ const ADDABLE: &[&str] = &[
     "ws",
 ];
 
-/// The keywords of [`ADDABLE`] that take no value.
+/// The keywords `add server` takes in haproxy 2.6 that stand alone.
 const FLAGS: &[&str] = &[
     "agent-check",
     "allow-0rtt",
@@ -581,16 +555,15 @@ fn addable(
 }
 
 /// The first keyword of a server's options that `add server` does not
-/// take. Keywords in [`FLAGS`] stand alone; every other keyword it takes
-/// is followed by one value.
+/// take. Keywords in [`FLAGS`] stand alone; those in [`VALUED`] are
+/// followed by one value.
 fn unaddable_keyword(options: &[String]) -> Option<&str> {
     let mut words = options.iter();
     while let Some(w) = words.next() {
-        if !ADDABLE.contains(&w.as_str()) {
-            return Some(w);
-        }
-        if !FLAGS.contains(&w.as_str()) {
+        if VALUED.contains(&w.as_str()) {
             words.next();
+        } else if !FLAGS.contains(&w.as_str()) {
+            return Some(w);
         }
     }
     None
