@@ -19,6 +19,10 @@
 //! differs only in case from another host's in the role: names are
 //! case-insensitive (RFC 4343), so the first in the registry's order keeps
 //! the name and the other is reported, never merged into one answer.
+//! Roles and DCs are names too: two spellings of `<role>.<dc>` that differ
+//! only in case (`web.dc1` and `Web.DC1`) are one name, so the first
+//! spelling in the registry's order keeps it and the other is served under
+//! no name at all (its hosts included), said once.
 //!
 //! A change costs the hosts it touched (and their case siblings) and their
 //! roles, not the registry: each host's records are built once and kept; a
@@ -61,6 +65,21 @@ pub struct Settings {
 
 /// A role of a DC, as the registry spells it.
 type RoleKey = (String, String);
+
+/// The DNS name `<role>.<dc>` of a role, the same for every spelling that
+/// differs only in case.
+fn role_name_key((dc, role): &RoleKey) -> String {
+    format!("{role}.{dc}").to_ascii_lowercase()
+}
+
+/// A role has a host the zone can answer (present, with an address).
+fn has_addressed_host(registry: &dyn Hosts, (dc, role): &RoleKey) -> bool {
+    registry.in_role(dc, role).any(|id| {
+        registry
+            .host(id)
+            .is_some_and(|h| h.present() && h.ip.is_some())
+    })
+}
 
 /// Who put records at a name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +238,12 @@ pub struct Zone {
     roles: HashMap<RoleKey, RoleEntry>,
     /// Host entries served under no name of their own, and why (said once).
     unnamed: BTreeMap<HostId, String>,
+    /// A role's DNS name ([`role_name_key`]) → the spellings of it that
+    /// have addressed hosts, in the registry's order: the first is served.
+    spellings: HashMap<String, BTreeSet<RoleKey>>,
+    /// Roles not served because another spelling of their name is, and
+    /// that spelling (said once).
+    shadowed: BTreeMap<RoleKey, RoleKey>,
     /// Names with no records whose subtree has some (a dotted host name's
     /// parents): they answer NODATA, not NXDOMAIN (RFC 8020). How many
     /// names below each one holds.
@@ -261,6 +286,8 @@ impl Zone {
             hosts: HashMap::new(),
             roles: HashMap::new(),
             unnamed: BTreeMap::new(),
+            spellings: HashMap::new(),
+            shadowed: BTreeMap::new(),
             empty: HashMap::new(),
             revision: 0,
         };
@@ -308,10 +335,36 @@ impl Zone {
                     .cloned(),
             );
         }
-        let mut roles = BTreeSet::new();
+        let mut roles: BTreeSet<RoleKey> = hosts
+            .iter()
+            .map(|id| (id.dc.clone(), id.role.clone()))
+            .collect();
+        // Which spelling of a role's name is served may change with them:
+        // when a name has (or had) more than one, all of them are
+        // refreshed, with all their hosts.
+        let mut respelled = BTreeSet::new();
+        for key in &roles {
+            let name = role_name_key(key);
+            let spellings = self.spellings.entry(name.clone()).or_default();
+            let before = spellings.clone();
+            if has_addressed_host(registry, key) {
+                spellings.insert(key.clone());
+            } else {
+                spellings.remove(key);
+            }
+            if before.len() > 1 || spellings.len() > 1 {
+                respelled.extend(before.union(spellings).cloned());
+            }
+            if spellings.is_empty() {
+                self.spellings.remove(&name);
+            }
+        }
+        for key in respelled {
+            hosts.extend(registry.in_role(&key.0, &key.1).cloned());
+            roles.insert(key);
+        }
         for id in &hosts {
             self.refresh_host(registry, id);
-            roles.insert((id.dc.clone(), id.role.clone()));
         }
         for role in &roles {
             self.refresh_role(registry, role);
@@ -429,15 +482,26 @@ impl Zone {
         } else {
             RecordType::A
         };
-        let own = match self.own_name(registry, id) {
-            Ok(name) => {
-                self.unnamed.remove(id);
-                Some(name)
-            }
-            Err(why) => {
-                self.no_name(id, why);
+        let own = match self.served_spelling(&(id.dc.clone(), id.role.clone())) {
+            // Its role is not served: said once for the role, not per host.
+            Some(other) => {
+                let why = format!(
+                    "its role's name differs only in case from role {}/{}'s",
+                    other.0, other.1
+                );
+                self.unnamed.insert(id.clone(), why);
                 None
             }
+            None => match self.own_name(registry, id) {
+                Ok(name) => {
+                    self.unnamed.remove(id);
+                    Some(name)
+                }
+                Err(why) => {
+                    self.no_name(id, why);
+                    None
+                }
+            },
         };
         let addr = own.as_ref().map(|n| address(n, ip, ttl));
         let srv = match (&own, &addr) {
@@ -494,6 +558,14 @@ impl Zone {
         }
     }
 
+    /// The spelling of role `key`'s name that is served instead of it, when
+    /// another is.
+    fn served_spelling(&self, key: &RoleKey) -> Option<RoleKey> {
+        let spellings = self.spellings.get(&role_name_key(key))?;
+        let first = spellings.first()?;
+        (first != key && spellings.contains(key)).then(|| first.clone())
+    }
+
     fn refresh_role(&mut self, registry: &dyn Hosts, key: &RoleKey) {
         let owner = Owner::Role(key.clone());
         let old = self.roles.remove(key).unwrap_or_default();
@@ -501,6 +573,20 @@ impl Zone {
             self.take(name, &owner);
         }
         let (dc, role) = key;
+        if let Some(other) = self.served_spelling(key) {
+            if self.shadowed.get(key) != Some(&other) {
+                tracing::warn!(
+                    "role {dc}/{role} is not in DNS, nor are its hosts: its name differs only in case from role {}/{}'s, which is one DNS name (RFC 4343) and is served",
+                    other.0,
+                    other.1
+                );
+                self.shadowed.insert(key.clone(), other);
+            }
+            return;
+        }
+        if self.shadowed.remove(key).is_some() && has_addressed_host(registry, key) {
+            tracing::info!("role {dc}/{role} is in DNS again: no other spelling of its name is");
+        }
         let members: Vec<Arc<HostEntry>> = registry
             .in_role(dc, role)
             .filter_map(|id| self.hosts.get(id).cloned())
@@ -1042,6 +1128,79 @@ mod tests {
             ["10.0.0.2"]
         );
         assert_eq!(z.unnamed(), 0);
+    }
+
+    #[test]
+    fn roles_and_dcs_that_differ_only_in_case_are_one_name_never_merged() {
+        let mut r = Registry::default();
+        host(&mut r, "dc1/web/w1", "10.0.0.1", "passing", &[("http", 80)]);
+        host(&mut r, "DC1/Web/w1", "10.0.0.9", "passing", &[("http", 81)]);
+        host(&mut r, "DC1/Web/w2", "10.0.0.8", "passing", &[]);
+        let mut z = Zone::build(&r, 1, settings());
+        // DC1/Web comes first in the registry's order: its addresses, its
+        // hosts' names and its SRV records are served, and dc1/web's are
+        // not merged in.
+        assert_eq!(
+            rdata(&q(&z, "web.dc1.registry.internal.", RecordType::A)),
+            ["10.0.0.8", "10.0.0.9"]
+        );
+        assert_eq!(
+            rdata(&q(&z, "w1.web.dc1.registry.internal.", RecordType::A)),
+            ["10.0.0.9"]
+        );
+        assert_eq!(
+            rdata(&q(
+                &z,
+                "_http._tcp.web.dc1.registry.internal.",
+                RecordType::SRV
+            )),
+            ["10 10 81 w1.Web.DC1.registry.internal."]
+        );
+        assert_eq!(z.unnamed(), 1);
+        // When DC1/Web's hosts go, dc1/web is served, as a fresh build
+        // would serve it.
+        let gone: Vec<HostId> = ["w1", "w2"]
+            .into_iter()
+            .map(|h| HostId {
+                dc: "DC1".into(),
+                role: "Web".into(),
+                host: h.into(),
+            })
+            .collect();
+        for id in &gone {
+            r.hosts.remove(id);
+        }
+        z.apply(&r, &gone, 2);
+        assert_eq!(
+            rdata(&q(&z, "web.dc1.registry.internal.", RecordType::A)),
+            ["10.0.0.1"]
+        );
+        assert_eq!(
+            rdata(&q(
+                &z,
+                "_http._tcp.web.dc1.registry.internal.",
+                RecordType::SRV
+            )),
+            ["10 10 80 w1.web.dc1.registry.internal."]
+        );
+        assert_eq!(z.unnamed(), 0);
+        let fresh = Zone::build(&r, 2, settings());
+        assert_eq!(all_answers(&z, &r), all_answers(&fresh, &r));
+        assert_eq!(z.names(), fresh.names());
+        // And back: DC1/Web returns and takes the name again.
+        host(&mut r, "DC1/Web/w2", "10.0.0.8", "passing", &[]);
+        z.apply(&r, [&gone[1]], 3);
+        assert_eq!(
+            rdata(&q(&z, "web.dc1.registry.internal.", RecordType::A)),
+            ["10.0.0.8"]
+        );
+        assert!(matches!(
+            q(&z, "_http._tcp.web.dc1.registry.internal.", RecordType::SRV),
+            Answer::NoData | Answer::NxDomain
+        ));
+        let fresh = Zone::build(&r, 3, settings());
+        assert_eq!(all_answers(&z, &r), all_answers(&fresh, &r));
+        assert_eq!(z.names(), fresh.names());
     }
 
     #[test]

@@ -1244,6 +1244,18 @@ async fn dig_corner_cases_case_conflicts_empty_parents_service_labels_long_names
             health: "passing",
             services: &[],
         },
+        Host {
+            path: "DC2/Web/x",
+            ip: "10.0.2.1",
+            health: "passing",
+            services: &[],
+        },
+        Host {
+            path: "dc2/web/y",
+            ip: "10.0.2.2",
+            health: "passing",
+            services: &[],
+        },
     ];
     let (cluster, _c, _lease) = registry(1, &hosts).await;
     let port = free_port();
@@ -1258,6 +1270,12 @@ async fn dig_corner_cases_case_conflicts_empty_parents_service_labels_long_names
         .await;
         assert_eq!(d.data(), ["10.0.1.1".to_string()].into(), "{}", d.raw);
     }
+    // Roles and DCs too: DC2/Web comes first and is served; dc2/web is
+    // not merged into it, and its host has no name.
+    let d = dig(port, &["web.dc2.registry.internal", "A"]).await;
+    assert_eq!(d.data(), ["10.0.2.1".to_string()].into(), "{}", d.raw);
+    let d = dig(port, &["y.web.dc2.registry.internal", "A"]).await;
+    assert_eq!(d.status, "NXDOMAIN", "{}", d.raw);
     // The parent of a dotted host name exists, without records.
     let d = dig(port, &["b.web.dc1.registry.internal", "A"]).await;
     assert_eq!(
@@ -1324,7 +1342,12 @@ async fn dig_corner_cases_case_conflicts_empty_parents_service_labels_long_names
     );
     // Each nameless host is said once, with why.
     let log = dns.log();
-    for why in ["differs only in case", "starts with `_`", "not a DNS name"] {
+    for why in [
+        "differs only in case from host",
+        "differs only in case from role DC2/Web's",
+        "starts with `_`",
+        "not a DNS name",
+    ] {
         assert_eq!(log.matches(why).count(), 1, "{why}:\n{log}");
     }
 }
