@@ -616,37 +616,43 @@ pub async fn verify(etcd: &Etcd, desired: &Desired, lease: LeaseId) -> Result<Ve
     })
 }
 
+/// A Desired for host h1 (10.0.0.5) of dc1, for unit tests.
+#[cfg(test)]
+pub(crate) fn desired_for_tests(roles: &[&str], health: &str, meta: &[(&str, &str)]) -> Desired {
+    let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+    let services = BTreeMap::from([("http".to_string(), 8080u16)]);
+    let meta: BTreeMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let checks = BTreeMap::new();
+    Desired::build(
+        &Spec {
+            prefix: "/infrastructure",
+            dc: "dc1",
+            roles: &roles,
+            services: &services,
+            meta: &meta,
+            health,
+            checks: &checks,
+            passing: 0,
+            maintenance: None,
+            withdrawn: false,
+        },
+        &Identity {
+            host: "h1".into(),
+            ip: "10.0.0.5".parse().unwrap(),
+            machine_id: "m1".into(),
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn desired(roles: &[&str], health: &str, meta: &[(&str, &str)]) -> Desired {
-        let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
-        let services = BTreeMap::from([("http".to_string(), 8080u16)]);
-        let meta: BTreeMap<String, String> = meta
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let checks = BTreeMap::new();
-        Desired::build(
-            &Spec {
-                prefix: "/infrastructure",
-                dc: "dc1",
-                roles: &roles,
-                services: &services,
-                meta: &meta,
-                health,
-                checks: &checks,
-                passing: 0,
-                maintenance: None,
-                withdrawn: false,
-            },
-            &Identity {
-                host: "h1".into(),
-                ip: "10.0.0.5".parse().unwrap(),
-                machine_id: "m1".into(),
-            },
-        )
+        desired_for_tests(roles, health, meta)
     }
 
     fn seen(key: &str, value: &str, rev: i64) -> (String, Seen) {

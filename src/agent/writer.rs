@@ -46,6 +46,7 @@ pub struct Writer {
 }
 
 /// How a registration attempt or a hold ended.
+#[derive(Debug, PartialEq, Eq)]
 enum Next {
     /// Shutdown.
     Stop,
@@ -133,14 +134,14 @@ impl Writer {
                         RegisterError::Conflict { .. } => self.observer.conflict(&e.to_string()),
                         _ => self.observer.failed(&e.to_string(), e.class()),
                     }
-                    match e.class() {
-                        Class::Auth | Class::Fatal if !registered_once => return Err(e),
-                        Class::LeaseGone => {
+                    match on_register_error(e.class(), registered_once) {
+                        Failure::GiveUp => return Err(e),
+                        Failure::NewLease => {
                             tracing::warn!(lease = %lease.id, error = %e, "the lease vanished during registration");
                             (self.report_lost)(lease.id);
                             return Ok(Err(Next::NewLease));
                         }
-                        _ => outage.failed(&e),
+                        Failure::Retry => outage.failed(&e),
                     }
                 }
             }
@@ -185,16 +186,14 @@ impl Writer {
     ) -> Next {
         let mut backoff = Backoff::standard();
         let mut outage = Outage::new("cannot update this host's keys");
-        // When to reconcile etcd with the latest Desired next, and whether
-        // a full conditional rewrite (rather than an update) is needed.
-        let mut due: Option<Instant> = None;
-        let mut rewrite = false;
         let mut desired_open = true;
-        // Changes that happened between the write and now.
+        // Changes that happened between the write and now are owed at once.
+        let mut owed = Owed::default();
         if self.current().as_ref() != Some(&written.borrow().desired) {
-            due = Some(Instant::now());
+            owed.desired_changed(Instant::now());
         }
         loop {
+            let due = owed.due;
             let timer = async {
                 match due {
                     Some(at) => sleep_until(at).await,
@@ -208,7 +207,7 @@ impl Writer {
                     if changed.is_err() {
                         desired_open = false;
                     } else {
-                        due = Some(Instant::now());
+                        owed.desired_changed(Instant::now());
                     }
                 }
                 Some(why) = suspects.recv() => {
@@ -217,57 +216,56 @@ impl Writer {
                         Judged::Gone => return Next::NewLease,
                         Judged::Damaged => {
                             tracing::warn!("{why}; rewriting this host's keys");
-                            rewrite = true;
-                            due = Some(Instant::now());
+                            owed.damaged(Instant::now());
                         }
                     }
                 }
                 _ = timer => {
-                    due = None;
-                    let Some(target) = self.current() else { continue };
-                    let old = written.borrow().desired.clone();
-                    let result = if rewrite {
-                        registration::write(&self.etcd, &target, lease.id).await.map(Some)
-                    } else if target != old {
-                        registration::update(&self.etcd, &old, &target, lease.id).await.map(Some)
-                    } else {
-                        Ok(None)
+                    let Some(target) = self.current() else {
+                        owed.due = None;
+                        continue;
                     };
+                    let old = written.borrow().desired.clone();
+                    let write = owed.fire(&target, &old);
+                    let result = match write {
+                        Write::Rewrite => registration::write(&self.etcd, &target, lease.id).await,
+                        Write::Update => registration::update(&self.etcd, &old, &target, lease.id).await,
+                        // Nothing to write (a change and its undo): the
+                        // watch still waits for an answer when it asked.
+                        Write::Nothing => {
+                            written.send_modify(|_| {});
+                            continue;
+                        }
+                    };
+                    let outcome = Outcome::of(&result);
                     match result {
-                        Ok(Some(at)) => {
+                        Ok(at) => {
                             if let Some(ended) = outage.recovered() {
                                 tracing::info!("etcd takes this host's updates again {}", ended.describe());
                             }
                             tracing::info!(
                                 revision = at.map_or(0, Revision::get),
                                 keys = target.kvs.len(),
-                                "{}", if rewrite { "rewrote this host's keys" } else { "updated this host's keys" }
+                                "{}", if write == Write::Rewrite { "rewrote this host's keys" } else { "updated this host's keys" }
                             );
                             self.observer.updated(&target);
                             written.send_replace(Written { desired: target, at });
-                            rewrite = false;
                             backoff.reset();
-                        }
-                        Ok(None) => {
-                            // Nothing to write (a change and its undo): the
-                            // watch still waits for an answer when it asked.
-                            written.send_modify(|_| {});
                         }
                         Err(RegisterError::Mismatch) => {
                             tracing::warn!("the registry no longer matches this agent's lease; rewriting");
-                            rewrite = true;
-                            due = Some(Instant::now());
                         }
-                        Err(e) if e.class() == Class::LeaseGone => {
+                        Err(e) if outcome == Outcome::LeaseGone => {
                             tracing::warn!(lease = %lease.id, error = %e, "the lease is gone");
                             (self.report_lost)(lease.id);
-                            return Next::NewLease;
                         }
                         Err(e) => {
                             self.observer.failed(&e.to_string(), e.class());
                             outage.failed(&e);
-                            due = Some(Instant::now() + backoff.next_delay());
                         }
+                    }
+                    if let Some(next) = owed.after(outcome, Instant::now(), || backoff.next_delay()) {
+                        return next;
                     }
                 }
             }
@@ -305,10 +303,230 @@ enum Judged {
     Gone,
 }
 
+/// What to do when a registration attempt fails.
+#[derive(Debug, PartialEq, Eq)]
+enum Failure {
+    /// Retrying cannot fix it (auth, a rejected request) and the host was
+    /// never registered: the agent exits with it.
+    GiveUp,
+    /// The lease is gone: tell the session and wait for its next one.
+    NewLease,
+    /// Log it (quietly), back off, and try again.
+    Retry,
+}
+
+fn on_register_error(class: Class, registered_once: bool) -> Failure {
+    match class {
+        Class::Auth | Class::Fatal if !registered_once => Failure::GiveUp,
+        Class::LeaseGone => Failure::NewLease,
+        // Once registered, even auth and rejected requests are retried: the
+        // keys stay on the lease meanwhile, and an operator can fix RBAC.
+        _ => Failure::Retry,
+    }
+}
+
+/// What a hold owes etcd: whether and when to reconcile it with the latest
+/// Desired, and whether that takes a full conditional rewrite (after the
+/// keys were damaged or moved off the lease) rather than an update. Its
+/// transitions are pure, so they are unit-tested without etcd.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Owed {
+    due: Option<Instant>,
+    rewrite: bool,
+}
+
+/// The write a due reconcile makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    Rewrite,
+    Update,
+    Nothing,
+}
+
+/// A write's result, as the hold sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Written,
+    /// The keys are no longer on this lease: rewrite them, now.
+    Mismatch,
+    LeaseGone,
+    /// Anything else: try again after a backoff.
+    Failed,
+}
+
+impl Outcome {
+    fn of<T>(result: &Result<T, RegisterError>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Written,
+            Err(RegisterError::Mismatch) => Outcome::Mismatch,
+            Err(e) if e.class() == Class::LeaseGone => Outcome::LeaseGone,
+            Err(_) => Outcome::Failed,
+        }
+    }
+}
+
+impl Owed {
+    fn desired_changed(&mut self, now: Instant) {
+        self.due = Some(now);
+    }
+
+    fn damaged(&mut self, now: Instant) {
+        self.rewrite = true;
+        self.due = Some(now);
+    }
+
+    /// The reconcile is due: what to write to bring etcd from `old` (what
+    /// was last written) to `target`.
+    fn fire(&mut self, target: &Desired, old: &Desired) -> Write {
+        self.due = None;
+        if self.rewrite {
+            Write::Rewrite
+        } else if target != old {
+            Write::Update
+        } else {
+            Write::Nothing
+        }
+    }
+
+    /// After a write: when to try again, if at all; `Some` when the hold
+    /// is over.
+    fn after(
+        &mut self,
+        outcome: Outcome,
+        now: Instant,
+        backoff: impl FnOnce() -> std::time::Duration,
+    ) -> Option<Next> {
+        match outcome {
+            Outcome::Written => self.rewrite = false,
+            Outcome::Mismatch => {
+                self.rewrite = true;
+                self.due = Some(now);
+            }
+            Outcome::LeaseGone => return Some(Next::NewLease),
+            // A failed rewrite stays a rewrite.
+            Outcome::Failed => self.due = Some(now + backoff()),
+        }
+        None
+    }
+}
+
 /// Resolves when the session no longer holds `lease`.
 async fn lease_replaced(mut session: watch::Receiver<State>, lease: LeaseId) {
     // An ended session also counts: there is no lease to write on.
     let _ = session
         .wait_for(|s| s.lease().map(|l| l.id) != Some(lease))
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::registration::desired_for_tests;
+
+    fn never() -> Duration {
+        panic!("no backoff expected here")
+    }
+
+    #[test]
+    fn registration_errors_give_up_only_before_the_first_registration() {
+        assert_eq!(on_register_error(Class::Auth, false), Failure::GiveUp);
+        assert_eq!(on_register_error(Class::Fatal, false), Failure::GiveUp);
+        assert_eq!(on_register_error(Class::Auth, true), Failure::Retry);
+        assert_eq!(on_register_error(Class::Fatal, true), Failure::Retry);
+        for once in [false, true] {
+            assert_eq!(on_register_error(Class::LeaseGone, once), Failure::NewLease);
+            assert_eq!(on_register_error(Class::Retry, once), Failure::Retry);
+            assert_eq!(on_register_error(Class::Tls, once), Failure::Retry);
+        }
+    }
+
+    #[test]
+    fn outcomes_of_a_write() {
+        assert_eq!(Outcome::of::<()>(&Ok(())), Outcome::Written);
+        assert_eq!(
+            Outcome::of::<()>(&Err(RegisterError::Mismatch)),
+            Outcome::Mismatch
+        );
+        // A conflict or contention during an update is retried after a
+        // backoff, never taken as a lost lease.
+        assert_eq!(
+            Outcome::of::<()>(&Err(RegisterError::Contended)),
+            Outcome::Failed
+        );
+    }
+
+    #[test]
+    fn a_change_is_owed_at_once_and_written_as_an_update() {
+        let old = desired_for_tests(&["web"], "passing", &[]);
+        let new = desired_for_tests(&["web"], "critical", &[]);
+        let now = Instant::now();
+        let mut owed = Owed::default();
+        assert_eq!(owed.due, None, "nothing owed while nothing changes");
+        owed.desired_changed(now);
+        assert_eq!(owed.due, Some(now));
+        assert_eq!(owed.fire(&new, &old), Write::Update);
+        assert_eq!(owed.due, None);
+        assert_eq!(owed.after(Outcome::Written, now, never), None);
+        assert_eq!(owed, Owed::default());
+        // A change and its undo before the timer: nothing to write.
+        owed.desired_changed(now);
+        assert_eq!(owed.fire(&old, &old), Write::Nothing);
+        assert_eq!(owed, Owed::default());
+    }
+
+    #[test]
+    fn keys_off_the_lease_are_rewritten_until_a_rewrite_lands() {
+        let d = desired_for_tests(&["web"], "passing", &[]);
+        let now = Instant::now();
+        let later = now + Duration::from_secs(2);
+        let mut owed = Owed::default();
+        // An update finds the keys on another lease: rewrite, now, even
+        // though Desired has not changed since.
+        owed.desired_changed(now);
+        owed.fire(&d, &d);
+        assert_eq!(owed.after(Outcome::Mismatch, now, never), None);
+        assert_eq!(
+            owed,
+            Owed {
+                due: Some(now),
+                rewrite: true
+            }
+        );
+        assert_eq!(owed.fire(&d, &d), Write::Rewrite);
+        // The rewrite fails: still a rewrite, after the backoff.
+        assert_eq!(
+            owed.after(Outcome::Failed, now, || Duration::from_secs(2)),
+            None
+        );
+        assert_eq!(
+            owed,
+            Owed {
+                due: Some(later),
+                rewrite: true
+            }
+        );
+        assert_eq!(owed.fire(&d, &d), Write::Rewrite);
+        // It lands: later changes are updates again.
+        assert_eq!(owed.after(Outcome::Written, later, never), None);
+        assert!(!owed.rewrite);
+        let changed = desired_for_tests(&["web"], "warning", &[]);
+        owed.desired_changed(later);
+        assert_eq!(owed.fire(&changed, &d), Write::Update);
+    }
+
+    #[test]
+    fn damaged_keys_are_rewritten_and_a_lost_lease_ends_the_hold() {
+        let d = desired_for_tests(&["web"], "passing", &[]);
+        let now = Instant::now();
+        let mut owed = Owed::default();
+        owed.damaged(now);
+        assert_eq!(owed.due, Some(now));
+        assert_eq!(owed.fire(&d, &d), Write::Rewrite);
+        assert_eq!(
+            owed.after(Outcome::LeaseGone, now, never),
+            Some(Next::NewLease)
+        );
+    }
 }
