@@ -25,7 +25,8 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An etcd revision. etcd's revisions start at 1, and a header without one
 /// says 0, so "unknown" is `Option<Revision>`, never a 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(transparent)]
 pub struct Revision(i64);
 
 impl Revision {
@@ -33,6 +34,9 @@ impl Revision {
     pub fn of(raw: i64) -> Option<Revision> {
         (raw > 0).then_some(Revision(raw))
     }
+
+    /// etcd's first revision: that of a cluster nothing was ever written to.
+    pub const FIRST: Revision = Revision(1);
 
     /// The revision of a response's header, if it has one.
     pub fn of_header(header: Option<&etcd_client::ResponseHeader>) -> Option<Revision> {

@@ -39,7 +39,8 @@ use crate::etcd::{Class, Etcd, EtcdError, Rotation, bounded, classify};
 
 /// An etcd lease id. etcd never grants 0 (its "no lease"), so "no lease"
 /// is `Option<LeaseId>`, never a 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(transparent)]
 pub struct LeaseId(i64);
 
 impl LeaseId {

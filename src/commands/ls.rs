@@ -9,14 +9,15 @@ use tokio::time::Instant;
 use super::{Failure, etcd_failure, exit, report_malformed, scope};
 use crate::cli::{LsArgs, LsFormat};
 use crate::config::Config;
-use crate::etcd::{Etcd, retry_until};
+use crate::etcd::{Etcd, Revision, retry_until};
 use crate::registry::{HostId, HostView, Registry};
 
 /// The `-o json` document. Stable: fields are only ever added.
 #[derive(Serialize)]
 pub struct Listing<'a> {
-    /// The etcd revision the listing was read at.
-    pub revision: i64,
+    /// The etcd revision the listing was read at (`0`: etcd did not say).
+    #[serde(serialize_with = "crate::registry::wire_or_zero")]
+    pub revision: Option<Revision>,
     pub hosts: Vec<JsonHost<'a>>,
 }
 
@@ -53,7 +54,7 @@ pub async fn run(config: &Config, args: &LsArgs) -> Result<(), Failure> {
     .map_err(|e| etcd_failure(e, &etcd))?;
     let (registry, bad) = Registry::from_kvs(&config.prefix, resp.kvs());
     bad.into_iter().for_each(report_malformed);
-    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let revision = Revision::of_header(resp.header());
     let hosts: Vec<(&HostId, &HostView)> = registry
         .present()
         .filter(|(id, h)| scope.includes(id) && (!args.healthy || h.healthy()))
@@ -68,7 +69,11 @@ pub async fn run(config: &Config, args: &LsArgs) -> Result<(), Failure> {
 /// Renders a listing. An empty listing is no lines as a table or as
 /// addresses, and still one document as JSON (`{"revision":N,"hosts":[]}`),
 /// so that `jq '.hosts|length'` says 0.
-pub fn render(hosts: &[(&HostId, &HostView)], format: LsFormat, revision: i64) -> String {
+pub fn render(
+    hosts: &[(&HostId, &HostView)],
+    format: LsFormat,
+    revision: Option<Revision>,
+) -> String {
     if hosts.is_empty() && format != LsFormat::Json {
         return String::new();
     }
@@ -92,7 +97,7 @@ pub fn render(hosts: &[(&HostId, &HostView)], format: LsFormat, revision: i64) -
                         role: &id.role,
                         host: &id.host,
                         view,
-                        lease_hex: format!("{:x}", view.lease),
+                        lease_hex: view.lease.map_or("0".into(), |l| l.to_string()),
                     })
                     .collect(),
             };

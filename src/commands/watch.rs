@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Failure, etcd_failure, exit, report_malformed, scope};
 use crate::cli::{WatchArgs, WatchFormat};
 use crate::config::Config;
-use crate::etcd::Etcd;
+use crate::etcd::{Etcd, Revision};
 use crate::registry::follow::Follower;
 use crate::registry::{Change, HostId, HostView, diff};
 
@@ -18,7 +18,7 @@ use crate::registry::{Change, HostId, HostView, diff};
 #[derive(Serialize)]
 struct JsonEvent<'a> {
     time: String,
-    revision: i64,
+    revision: Revision,
     /// present (snapshot), up, down, health, maintenance_on, maintenance_off, changed.
     event: &'static str,
     dc: &'a str,
@@ -37,7 +37,7 @@ struct JsonEvent<'a> {
 /// Formats one event line.
 pub fn line(
     format: WatchFormat,
-    revision: i64,
+    revision: Revision,
     id: &HostId,
     host: Option<&HostView>,
     change: Option<&Change>,

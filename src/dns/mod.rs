@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::etcd::{Etcd, EtcdError};
+use crate::etcd::{Etcd, EtcdError, Revision};
 use crate::registry::follow::Follower;
 use crate::registry::hold::{self, FailStatic, Holds};
 use crate::registry::{HostId, Hosts, Shown};
@@ -214,7 +214,7 @@ async fn follow(
                 published.update(|zone| {
                     zone.apply(&shown, &touched, revision);
                     show(zone, metrics);
-                    tracing::debug!(revision, hosts = touched.len(), names = zone.names(), "answers updated");
+                    tracing::debug!(%revision, hosts = touched.len(), names = zone.names(), "answers updated");
                 });
                 let roles: BTreeSet<(&str, &str)> = holds
                     .held()
@@ -252,7 +252,9 @@ async fn follow(
 
 /// The zone's figures in the metrics.
 fn show(zone: &Zone, metrics: &DnsMetrics) {
-    metrics.answer_revision.set(zone.revision);
+    metrics
+        .answer_revision
+        .set(zone.revision.map_or(0, Revision::get));
     metrics.withheld.set(zone.withheld().count() as i64);
     metrics.unnamed.set(zone.unnamed() as i64);
 }

@@ -528,7 +528,7 @@ mod tests {
         }
         Zone::build(
             &r,
-            9,
+            crate::etcd::Revision::of(9).expect("a revision"),
             Settings {
                 domain: Name::from_ascii("registry.internal.").unwrap(),
                 ttl: 5,

@@ -40,6 +40,7 @@ use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder};
 use rand::seq::SliceRandom;
 
+use crate::etcd::Revision;
 use crate::registry::Health;
 #[cfg(test)]
 use crate::registry::Registry;
@@ -248,8 +249,9 @@ pub struct Zone {
     /// parents): they answer NODATA, not NXDOMAIN (RFC 8020). How many
     /// names below each one holds.
     empty: HashMap<LowerName, usize>,
-    /// The registry revision the zone was built at.
-    pub revision: i64,
+    /// The registry revision the zone was built at (`None`: no registry
+    /// yet).
+    pub revision: Option<Revision>,
 }
 
 /// `labels` followed by the domain, as a DNS name (None when it is not one).
@@ -271,7 +273,7 @@ impl Zone {
     /// NXDOMAIN.
     pub fn new(settings: Settings) -> Zone {
         let domain = LowerName::from(&settings.domain);
-        let soa = soa(&settings, 0);
+        let soa = soa(&settings, None);
         let ns = Record::from_rdata(
             settings.domain.clone(),
             settings.ttl,
@@ -289,7 +291,7 @@ impl Zone {
             spellings: HashMap::new(),
             shadowed: BTreeMap::new(),
             empty: HashMap::new(),
-            revision: 0,
+            revision: None,
         };
         zone.put(domain, Owner::Apex, Records::default());
         // The name server's own name resolves, when it is ours to answer.
@@ -308,7 +310,7 @@ impl Zone {
     }
 
     /// Every answer for the registry at `revision`.
-    pub fn build(registry: &dyn Hosts, revision: i64, settings: Settings) -> Zone {
+    pub fn build(registry: &dyn Hosts, revision: Revision, settings: Settings) -> Zone {
         let mut zone = Zone::new(settings);
         let ids: Vec<&HostId> = registry.ids();
         zone.apply(registry, ids, revision);
@@ -321,7 +323,7 @@ impl Zone {
         &mut self,
         registry: &dyn Hosts,
         touched: impl IntoIterator<Item = &'a HostId>,
-        revision: i64,
+        revision: Revision,
     ) {
         // A host's name may pass to another that differs only in case: its
         // siblings of that kind are refreshed with it.
@@ -369,8 +371,8 @@ impl Zone {
         for role in &roles {
             self.refresh_role(registry, role);
         }
-        self.revision = revision;
-        self.soa = soa(&self.settings, revision);
+        self.revision = Some(revision);
+        self.soa = soa(&self.settings, Some(revision));
     }
 
     fn put(&mut self, name: LowerName, owner: Owner, records: Records) {
@@ -786,7 +788,7 @@ impl Zone {
     }
 }
 
-fn soa(settings: &Settings, revision: i64) -> Record {
+fn soa(settings: &Settings, revision: Option<Revision>) -> Record {
     let domain = &settings.domain;
     Record::from_rdata(
         domain.clone(),
@@ -795,7 +797,7 @@ fn soa(settings: &Settings, revision: i64) -> Record {
             settings.ns.clone(),
             name_under(&["hostmaster"], domain).unwrap_or_else(|| domain.clone()),
             // The serial follows the registry; RFC 1982 arithmetic wraps it.
-            revision as u32,
+            revision.map_or(0, Revision::get) as u32,
             3600,
             600,
             86400,
@@ -809,6 +811,10 @@ mod tests {
     use super::*;
 
     const P: &str = "/infrastructure";
+
+    fn rev(n: i64) -> Revision {
+        Revision::of(n).expect("a revision above 0")
+    }
 
     fn settings() -> Settings {
         Settings {
@@ -882,7 +888,7 @@ mod tests {
 
     #[test]
     fn host_names_answer_whatever_the_health() {
-        let z = Zone::build(&registry(), 7, settings());
+        let z = Zone::build(&registry(), rev(7), settings());
         assert_eq!(
             rdata(&q(&z, "e3.etcd.dc1.registry.internal.", RecordType::AAAA)),
             ["fd00::3"]
@@ -899,7 +905,7 @@ mod tests {
 
     #[test]
     fn role_names_answer_usable_hosts_only() {
-        let z = Zone::build(&registry(), 7, settings());
+        let z = Zone::build(&registry(), rev(7), settings());
         assert_eq!(
             rdata(&q(&z, "etcd.dc1.registry.internal.", RecordType::A)),
             ["10.0.0.1"]
@@ -908,7 +914,7 @@ mod tests {
             allow_warning: true,
             ..settings()
         };
-        let z = Zone::build(&registry(), 7, warn);
+        let z = Zone::build(&registry(), rev(7), warn);
         assert_eq!(
             rdata(&q(&z, "etcd.dc1.registry.internal.", RecordType::A)),
             ["10.0.0.1", "10.0.0.2"]
@@ -917,7 +923,7 @@ mod tests {
 
     #[test]
     fn srv_lists_usable_publishers_with_their_addresses() {
-        let z = Zone::build(&registry(), 7, settings());
+        let z = Zone::build(&registry(), rev(7), settings());
         let a = q(
             &z,
             "_etcd-server._tcp.etcd.dc1.registry.internal.",
@@ -938,7 +944,7 @@ mod tests {
             ..settings()
         };
         let mut r = registry();
-        let z = Zone::build(&r, 7, gated.clone());
+        let z = Zone::build(&r, rev(7), gated.clone());
         assert!(matches!(
             q(
                 &z,
@@ -957,7 +963,7 @@ mod tests {
             "passing",
             &[("etcd-server", 2380)],
         );
-        let z = Zone::build(&r, 8, gated);
+        let z = Zone::build(&r, rev(8), gated);
         assert_eq!(
             rdata(&q(
                 &z,
@@ -972,7 +978,7 @@ mod tests {
 
     #[test]
     fn unknown_names_outside_names_and_empty_non_terminals() {
-        let z = Zone::build(&registry(), 7, settings());
+        let z = Zone::build(&registry(), rev(7), settings());
         assert!(matches!(
             q(&z, "nope.dc1.registry.internal.", RecordType::A),
             Answer::NxDomain
@@ -1004,7 +1010,7 @@ mod tests {
 
     #[test]
     fn the_apex_names_a_name_server_that_resolves() {
-        let z = Zone::build(&Registry::default(), 1, settings());
+        let z = Zone::build(&Registry::default(), rev(1), settings());
         assert_eq!(
             rdata(&q(&z, "registry.internal.", RecordType::NS)),
             ["ns.registry.internal."]
@@ -1026,7 +1032,7 @@ mod tests {
             ns_addrs: Vec::new(),
             ..settings()
         };
-        let z = Zone::build(&Registry::default(), 1, elsewhere);
+        let z = Zone::build(&Registry::default(), rev(1), elsewhere);
         assert_eq!(
             rdata(&q(&z, "registry.internal.", RecordType::NS)),
             ["dns1.example.net."]
@@ -1057,7 +1063,7 @@ mod tests {
             &[("http", 80)],
         );
         host(&mut r, "dc1/web/w1", "10.0.0.7", "passing", &[("http", 80)]);
-        let z = Zone::build(&r, 1, settings());
+        let z = Zone::build(&r, rev(1), settings());
         assert_eq!(z.unnamed(), 2);
         assert_eq!(
             rdata(&q(&z, "web.dc1.registry.internal.", RecordType::A)),
@@ -1095,7 +1101,7 @@ mod tests {
             "passing",
             &[("http", 80)],
         );
-        let mut z = Zone::build(&r, 1, settings());
+        let mut z = Zone::build(&r, rev(1), settings());
         // The first in the registry's order (UPPER) keeps the name.
         assert_eq!(
             rdata(&q(&z, "upper.web.dc1.registry.internal.", RecordType::A)),
@@ -1122,7 +1128,7 @@ mod tests {
             host: "UPPER".into(),
         };
         r.hosts.remove(&gone);
-        z.apply(&r, [&gone], 2);
+        z.apply(&r, [&gone], rev(2));
         assert_eq!(
             rdata(&q(&z, "upper.web.dc1.registry.internal.", RecordType::A)),
             ["10.0.0.2"]
@@ -1136,7 +1142,7 @@ mod tests {
         host(&mut r, "dc1/web/w1", "10.0.0.1", "passing", &[("http", 80)]);
         host(&mut r, "DC1/Web/w1", "10.0.0.9", "passing", &[("http", 81)]);
         host(&mut r, "DC1/Web/w2", "10.0.0.8", "passing", &[]);
-        let mut z = Zone::build(&r, 1, settings());
+        let mut z = Zone::build(&r, rev(1), settings());
         // DC1/Web comes first in the registry's order: its addresses, its
         // hosts' names and its SRV records are served, and dc1/web's are
         // not merged in.
@@ -1170,7 +1176,7 @@ mod tests {
         for id in &gone {
             r.hosts.remove(id);
         }
-        z.apply(&r, &gone, 2);
+        z.apply(&r, &gone, rev(2));
         assert_eq!(
             rdata(&q(&z, "web.dc1.registry.internal.", RecordType::A)),
             ["10.0.0.1"]
@@ -1184,12 +1190,12 @@ mod tests {
             ["10 10 80 w1.web.dc1.registry.internal."]
         );
         assert_eq!(z.unnamed(), 0);
-        let fresh = Zone::build(&r, 2, settings());
+        let fresh = Zone::build(&r, rev(2), settings());
         assert_eq!(all_answers(&z, &r), all_answers(&fresh, &r));
         assert_eq!(z.names(), fresh.names());
         // And back: DC1/Web returns and takes the name again.
         host(&mut r, "DC1/Web/w2", "10.0.0.8", "passing", &[]);
-        z.apply(&r, [&gone[1]], 3);
+        z.apply(&r, [&gone[1]], rev(3));
         assert_eq!(
             rdata(&q(&z, "web.dc1.registry.internal.", RecordType::A)),
             ["10.0.0.8"]
@@ -1198,7 +1204,7 @@ mod tests {
             q(&z, "_http._tcp.web.dc1.registry.internal.", RecordType::SRV),
             Answer::NoData | Answer::NxDomain
         ));
-        let fresh = Zone::build(&r, 3, settings());
+        let fresh = Zone::build(&r, rev(3), settings());
         assert_eq!(all_answers(&z, &r), all_answers(&fresh, &r));
         assert_eq!(z.names(), fresh.names());
     }
@@ -1207,7 +1213,7 @@ mod tests {
     fn names_that_exist_below_answer_nodata_and_transfers_are_refused() {
         let mut r = Registry::default();
         host(&mut r, "dc1/web/a.b", "10.0.0.3", "passing", &[]);
-        let mut z = Zone::build(&r, 1, settings());
+        let mut z = Zone::build(&r, rev(1), settings());
         assert_eq!(
             rdata(&q(&z, "a.b.web.dc1.registry.internal.", RecordType::A)),
             ["10.0.0.3"]
@@ -1231,7 +1237,7 @@ mod tests {
             host: "a.b".into(),
         };
         r.hosts.remove(&id);
-        z.apply(&r, [&id], 2);
+        z.apply(&r, [&id], rev(2));
         assert!(matches!(
             q(&z, "b.web.dc1.registry.internal.", RecordType::A),
             Answer::NxDomain
@@ -1280,7 +1286,7 @@ mod tests {
             ..settings()
         };
         let mut r = registry();
-        let mut z = Zone::build(&r, 1, gated.clone());
+        let mut z = Zone::build(&r, rev(1), gated.clone());
         let id = |path: &str| {
             let p: Vec<&str> = path.split('/').collect();
             HostId {
@@ -1349,11 +1355,11 @@ mod tests {
                 }),
             ),
         ];
-        for (rev, (path, change)) in steps.iter().enumerate() {
+        for (i, (path, change)) in steps.iter().enumerate() {
             change(&mut r);
-            let rev = rev as i64 + 2;
-            z.apply(&r, [&id(path)], rev);
-            let fresh = Zone::build(&r, rev, gated.clone());
+            let at = rev(i as i64 + 2);
+            z.apply(&r, [&id(path)], at);
+            let fresh = Zone::build(&r, at, gated.clone());
             assert_eq!(all_answers(&z, &r), all_answers(&fresh, &r), "after {path}");
             assert_eq!(z.names(), fresh.names(), "after {path}");
             assert_eq!(

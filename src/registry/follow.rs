@@ -22,13 +22,13 @@ use etcd_client::{EventType, GetOptions, WatchOptions, WatchStream};
 
 use super::{HostId, HostView, Malformed, Registry};
 use crate::backoff::{Outage, Policy};
-use crate::etcd::{Etcd, EtcdError, Rotation, bounded};
+use crate::etcd::{Etcd, EtcdError, Revision, Rotation, bounded};
 
 /// The changes of one revision: each touched host with its state before
 /// and after that revision, and every key that changed.
 #[derive(Debug)]
 pub struct Batch {
-    pub revision: i64,
+    pub revision: Revision,
     pub changes: Vec<(HostId, Option<HostView>, Option<HostView>)>,
     /// The keys put or deleted (after a re-read: the keys whose value
     /// differs from the registry before it), malformed ones included.
@@ -46,7 +46,7 @@ pub struct Follower<'a> {
     scope: String,
     pub registry: Registry,
     /// Every event up to this revision has been applied.
-    pub revision: i64,
+    pub revision: Revision,
     /// The cluster the snapshot was read from (0 until known).
     cluster_id: u64,
     stream: Option<WatchStream>,
@@ -71,7 +71,7 @@ impl<'a> Follower<'a> {
             prefix: prefix.to_string(),
             scope: scope.to_string(),
             registry: Registry::default(),
-            revision: 0,
+            revision: Revision::FIRST,
             cluster_id: 0,
             stream: None,
             rotation: etcd.rotation(None, Policy::STANDARD),
@@ -95,7 +95,17 @@ impl<'a> Follower<'a> {
             .await?;
         let (registry, bad) = Registry::from_kvs(&self.prefix, resp.kvs());
         self.registry = registry;
-        self.revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        // etcd always says its revision; were it not to, the newest key
+        // read is the best known lower bound (the watch then resumes a
+        // little early, which repeats nothing the mirror does not hold).
+        self.revision = Revision::of_header(resp.header())
+            .or_else(|| {
+                resp.kvs()
+                    .iter()
+                    .filter_map(|kv| Revision::of(kv.mod_revision()))
+                    .max()
+            })
+            .unwrap_or(Revision::FIRST);
         self.cluster_id = resp.header().map(|h| h.cluster_id()).unwrap_or(0);
         Ok(bad)
     }
@@ -105,7 +115,7 @@ impl<'a> Follower<'a> {
         let mut client = self.rotation.client(self.etcd).await?;
         let opts = WatchOptions::new()
             .with_prefix()
-            .with_start_revision(self.revision + 1)
+            .with_start_revision(self.revision.next())
             .with_progress_notify();
         let within = self.etcd.request_timeout().max(Duration::from_secs(1));
         bounded(
@@ -237,7 +247,7 @@ impl<'a> Follower<'a> {
     fn history_reset(&self, resp: &etcd_client::WatchResponse) -> bool {
         let behind = resp.header().is_some_and(|h| {
             (self.cluster_id != 0 && h.cluster_id() != 0 && h.cluster_id() != self.cluster_id)
-                || (h.revision() > 0 && h.revision() < self.revision)
+                || Revision::of(h.revision()).is_some_and(|r| r < self.revision)
         });
         behind || resp.compact_revision() > 0
     }
@@ -291,10 +301,11 @@ impl<'a> Follower<'a> {
         let events = resp.events();
         let mut i = 0;
         while i < events.len() {
-            let rev = events[i].kv().map(|kv| kv.mod_revision()).unwrap_or(0);
+            let raw = events[i].kv().map(|kv| kv.mod_revision()).unwrap_or(0);
+            let rev = Revision::of(raw).unwrap_or(self.revision);
             let mut before: BTreeMap<HostId, Option<HostView>> = BTreeMap::new();
             let mut keys = Vec::new();
-            while i < events.len() && events[i].kv().map(|kv| kv.mod_revision()).unwrap_or(0) == rev
+            while i < events.len() && events[i].kv().map(|kv| kv.mod_revision()).unwrap_or(0) == raw
             {
                 let ev = &events[i];
                 i += 1;
@@ -316,13 +327,13 @@ impl<'a> Follower<'a> {
                     EventType::Put => {
                         if let Err(m) =
                             self.registry
-                                .put(&self.prefix, kv.key(), kv.value(), kv.lease(), rev)
+                                .put(&self.prefix, kv.key(), kv.value(), kv.lease(), raw)
                         {
                             report(m);
                         }
                     }
                     EventType::Delete => {
-                        self.registry.delete(&self.prefix, kv.key(), rev);
+                        self.registry.delete(&self.prefix, kv.key(), raw);
                     }
                 }
                 keys.push(key);
@@ -347,7 +358,9 @@ impl<'a> Follower<'a> {
             && let Some(h) = resp.header()
         {
             // A progress notification: nothing is pending below it.
-            self.revision = self.revision.max(h.revision());
+            self.revision = self
+                .revision
+                .max(Revision::of(h.revision()).unwrap_or(self.revision));
         }
     }
 }
@@ -355,7 +368,7 @@ impl<'a> Follower<'a> {
 /// What a re-read changed, as one batch marked `reset`: every host whose
 /// state differs and every key whose value does, or `None` when the two
 /// registries are the same.
-fn reset_batch(old: &Registry, new: &Registry, revision: i64) -> Option<Batch> {
+fn reset_batch(old: &Registry, new: &Registry, revision: Revision) -> Option<Batch> {
     let mut changes = Vec::new();
     let ids: std::collections::BTreeSet<&HostId> =
         old.hosts.keys().chain(new.hosts.keys()).collect();
@@ -394,6 +407,10 @@ mod tests {
 
     const P: &str = "/infrastructure";
 
+    fn rev(n: i64) -> Revision {
+        Revision::of(n).expect("a revision above 0")
+    }
+
     fn put(r: &mut Registry, key: &str, value: &str, rev: i64) {
         r.put(P, format!("{P}/{key}").as_bytes(), value.as_bytes(), 1, rev)
             .unwrap();
@@ -415,9 +432,9 @@ mod tests {
         host(&mut new, "dc1/web/b", "10.0.0.2", 2);
         put(&mut new, "dc1/web/b/meta/rack", "r2", 2);
         host(&mut new, "dc1/web/c", "10.0.0.3", 2);
-        let b = reset_batch(&old, &new, 2).unwrap();
+        let b = reset_batch(&old, &new, rev(2)).unwrap();
         assert!(b.reset);
-        assert_eq!(b.revision, 2);
+        assert_eq!(b.revision, rev(2));
         let hosts: Vec<(String, bool, bool)> = b
             .changes
             .iter()
@@ -441,6 +458,6 @@ mod tests {
         }
         assert!(!keys.contains("/infrastructure/dc1/web/b/ip"), "{keys:?}");
         // The same registry read again: nothing to report.
-        assert!(reset_batch(&new, &new, 3).is_none());
+        assert!(reset_batch(&new, &new, rev(3)).is_none());
     }
 }

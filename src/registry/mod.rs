@@ -16,7 +16,9 @@ pub mod follow;
 pub mod hold;
 
 use crate::check::Status;
+use crate::etcd::Revision;
 use crate::layout::{HostDir, Leaf, parse_key};
+use crate::lease::LeaseId;
 
 /// Identifies a host entry: one host in one role.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -121,6 +123,18 @@ impl CheckView {
     }
 }
 
+/// An id or a revision in JSON as etcd writes it, `0` for none: the
+/// `ls -o json` document keeps its numbers.
+pub(crate) fn wire_or_zero<T: Serialize, S: serde::Serializer>(
+    v: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => v.serialize(s),
+        None => s.serialize_i64(0),
+    }
+}
+
 /// Everything known about one host entry.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct HostView {
@@ -131,10 +145,13 @@ pub struct HostView {
     pub meta: BTreeMap<String, String>,
     pub maintenance: Option<String>,
     pub owner: Option<String>,
-    /// The lease of the host's keys (0 when none).
-    pub lease: i64,
-    /// The highest mod revision among the host's keys.
-    pub revision: i64,
+    /// The lease of the host's keys (`0` in JSON when none).
+    #[serde(serialize_with = "wire_or_zero")]
+    pub lease: Option<LeaseId>,
+    /// The highest mod revision among the host's keys (`None` only for a
+    /// view built by hand).
+    #[serde(serialize_with = "wire_or_zero")]
+    pub revision: Option<Revision>,
 }
 
 impl HostView {
@@ -300,8 +317,9 @@ fn id_of(dir: &HostDir) -> HostId {
 }
 
 impl Registry {
-    /// Applies a put of `key` = `value`. Returns the host it touched, or why
-    /// the key or value was skipped.
+    /// Applies a put of `key` = `value`, on `lease` at `revision` as etcd
+    /// reports them (0: none). Returns the host it touched, or why the key
+    /// or value was skipped.
     ///
     /// A key with a segment that breaks the layout's rules (a newline, a
     /// space, an empty segment) is left out of `raw` too, so it never
@@ -332,8 +350,8 @@ impl Registry {
             parse_key(prefix, &key_text).ok_or_else(|| bad("not a registry key".into()))?;
         let id = id_of(&dir);
         let host = self.hosts.entry(id.clone()).or_default();
-        host.lease = lease;
-        host.revision = host.revision.max(revision);
+        host.lease = LeaseId::of(lease);
+        host.revision = host.revision.max(Revision::of(revision));
         let applied = match std::str::from_utf8(value) {
             Ok(value) => host.set(&leaf, value),
             Err(_) => Err("value is not UTF-8".into()),
@@ -355,7 +373,7 @@ impl Registry {
         let id = id_of(&dir);
         let host = self.hosts.get_mut(&id)?;
         host.clear(&leaf);
-        host.revision = host.revision.max(revision);
+        host.revision = host.revision.max(Revision::of(revision));
         if *host
             == (HostView {
                 revision: host.revision,
@@ -527,7 +545,7 @@ pub fn diff(before: Option<&HostView>, after: Option<&HostView>) -> Vec<Change> 
             let strip = |h: &HostView| HostView {
                 health: None,
                 maintenance: None,
-                revision: 0,
+                revision: None,
                 checks: h
                     .checks
                     .iter()
@@ -647,7 +665,7 @@ mod tests {
         b = a.clone();
         b.services.insert("http".into(), 80);
         assert_eq!(diff(Some(&a), Some(&b)), vec![Change::Changed]);
-        a.revision = 9;
+        a.revision = Revision::of(9);
         assert_eq!(diff(Some(&a), Some(&a.clone())), vec![]);
     }
 }

@@ -464,7 +464,7 @@ async fn follow(
             let views: BTreeMap<usize, View> =
                 due.iter().map(|&i| (i, slots[i].view(&live))).collect();
             let cycle = render_cycle(slots, &views, options, metrics).await;
-            metrics.rendered_revision.set(follower.revision);
+            metrics.rendered_revision.set(follower.revision.get());
             let held: Vec<String> = slots
                 .iter()
                 .filter(|s| s.refused)
@@ -544,7 +544,7 @@ async fn follow(
             }
             batch = follower.next(&mut report) => {
                 let batch = batch?;
-                metrics.registry_revision.set(follower.revision);
+                metrics.registry_revision.set(follower.revision.get());
                 let now = Instant::now();
                 for slot in slots.iter_mut() {
                     slot.observe(&batch, &follower.registry, &prefix, now, metrics);
@@ -677,7 +677,7 @@ async fn render_cycle(
                 listed.len()
             );
             if !slot.refused {
-                tracing::warn!(revision = view.revision, "{why}");
+                tracing::warn!(revision = %view.revision, "{why}");
             }
             slot.refused = true;
             metrics.min_hosts_refusals.inc();
@@ -686,7 +686,7 @@ async fn render_cycle(
         }
         if slot.refused {
             tracing::info!(
-                revision = view.revision,
+                revision = %view.revision,
                 "{} lists {} hosts again, no fewer than min_hosts; rendering it",
                 slot.spec.destination.display(),
                 listed.len()
@@ -707,7 +707,7 @@ async fn render_cycle(
             Ok(previous) => {
                 metrics.writes.inc();
                 tracing::info!(
-                    revision = view.revision,
+                    revision = %view.revision,
                     "wrote {}: {}",
                     slot.spec.destination.display(),
                     summary(slot.listed.as_ref(), &listed)
@@ -720,7 +720,7 @@ async fn render_cycle(
                             metrics.runtime_changes.inc_by(applied.count() as u64);
                             if applied.count() > 0 {
                                 tracing::info!(
-                                    revision = view.revision,
+                                    revision = %view.revision,
                                     "applied through haproxy's runtime API, no reload: {applied}"
                                 );
                             }

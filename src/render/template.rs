@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use minijinja::value::{Enumerator, Kwargs, Object, Value};
 use minijinja::{Environment, Error, ErrorKind, UndefinedBehavior};
 
+use crate::etcd::Revision;
 use crate::layout::{Leaf, parse_key};
 use crate::registry::{HostId, HostView, Registry};
 
@@ -44,7 +45,7 @@ const FUEL: u64 = 500_000_000;
 #[derive(Debug, Clone)]
 pub struct View {
     pub prefix: String,
-    pub revision: i64,
+    pub revision: Revision,
     pub registry: Arc<Registry>,
 }
 
@@ -361,7 +362,7 @@ pub fn render(source: &Source, view: &View, max_output: usize) -> Result<Rendere
                 || !v.children(&key, true).is_empty()
         });
     }
-    env.add_global("revision", view.revision);
+    env.add_global("revision", view.revision.get());
     env.add_global("prefix", view.prefix.clone());
     let failed = |e: Error| RenderFailure::Template(e, source.text.clone());
     let template = env
@@ -439,7 +440,7 @@ mod tests {
         }
         View {
             prefix: p.into(),
-            revision: 7,
+            revision: Revision::of(7).expect("a revision"),
             registry: Arc::new(r),
         }
     }
