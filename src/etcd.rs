@@ -158,6 +158,13 @@ impl EtcdError {
             EtcdError::Tls(_) => Class::Auth,
         }
     }
+
+    /// etcd refused a grant because a lease with the asked-for id exists
+    /// (maybe an earlier try of the same grant, which took effect).
+    pub fn lease_exists(&self) -> bool {
+        matches!(self, EtcdError::Call { cause: etcd_client::Error::GRpcStatus(s), .. }
+            if s.message().contains("lease already exists"))
+    }
 }
 
 /// Sorts an etcd-client error into retry / lease-gone / auth / fatal.

@@ -104,7 +104,7 @@ pub async fn grant(etcd: &Etcd, ttl: Duration, id: LeaseId) -> Result<Lease, Etc
             .await;
         match grant {
             Ok(resp) => return Ok(granted(id, ttl, resp.ttl())),
-            Err(e) if e.to_string().contains("lease already exists") => {
+            Err(e) if e.lease_exists() => {
                 let resp = etcd
                     .call("lease time-to-live", |mut c| async move {
                         c.lease_time_to_live(id.get(), None).await
