@@ -2,11 +2,15 @@
 //! keeps it alive, notices its loss, grants a new one, and revokes it on
 //! shutdown; shaped like etcd's `concurrency.Session`.
 //!
-//! Invariant: **nothing else can delay a keep-alive.** The session runs as
-//! its own task and awaits nothing but its own etcd calls, so a write that
-//! hangs on a stalled member, a repair, a check run or a reload runs beside
-//! it. (A keep-alive that waits behind a slow write loses the lease: with a
-//! 6 s TTL and a 5 s request timeout, one hung transaction is enough.)
+//! Invariant: **nothing the agent awaits can delay a keep-alive.** The
+//! session runs as its own task and awaits nothing but its own etcd calls,
+//! so a write that hangs on a stalled member, a repair, a check run or a
+//! reload runs beside it. (A keep-alive that waits behind a slow write
+//! loses the lease: with a 6 s TTL and a 5 s request timeout, one hung
+//! transaction is enough.) The runtime is single-threaded, so what blocks
+//! the thread without awaiting does delay it: nothing on the agent's path
+//! is meant to, and the one synchronous call there, the user and group
+//! lookups of a SIGHUP reload, reads local files (or NSS) for milliseconds.
 //!
 //! Others see the session through a watch channel of [`State`]: `Granting`
 //! while there is no lease in force, `Held` with the lease and the endpoint

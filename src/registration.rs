@@ -2,9 +2,15 @@
 //! write, conflict detection, takeover of our own earlier incarnation, and
 //! deregistration.
 //!
-//! Invariant: nothing here ever writes a key unconditionally. A key is put
-//! only if it did not exist (`create_revision == 0`) or still has exactly the
-//! `mod_revision` we read and judged to be ours or stale. So a live
+//! Invariant: nothing here ever writes a key unconditionally. In the first
+//! write (and a rewrite), a key is put only if it did not exist
+//! (`create_revision == 0`) or still has exactly the `mod_revision` we read
+//! and judged to be ours or stale. An update of a registered host is
+//! guarded instead by the owner key of each directory it holds still being
+//! on this agent's lease (and, for a directory new to it, such as a role
+//! added by a reload, by its keys not existing yet): another machine that
+//! took the name over holds it on its own lease, so the update fails
+//! (`Mismatch`) rather than write over it. So a live
 //! registration of another machine is never overwritten, even when two
 //! agents race for the same host name.
 

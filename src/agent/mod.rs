@@ -3,14 +3,18 @@
 //!
 //! ```text
 //!  start      metrics server ─> composer ─> lease session ─> writer
-//!  run        until shutdown, or until a task fails
+//!  run        until shutdown, the writer gives up (auth or a rejected
+//!             request before the first registration), or the composer ends;
+//!             a failed metrics server is logged, and the agent goes on
 //!  shutdown   writer stops ─> session closes (revoke: every key gone at once)
-//!             ─> composer and checks stop ─> metrics server stops
+//!             ─> composer (with its checks) and metrics server, together
 //! ```
 //!
-//! The tasks, each with a token of one cancellation tree under `shutdown`
-//! (the session's is its own, so that it revokes only after the writer has
-//! stopped):
+//! The tasks and their cancellation tokens: the writer's is a child of
+//! `shutdown`; the session's is its own, so that it revokes only after the
+//! writer has stopped; the composer's and the metrics server's are roots of
+//! their own, cancelled once the lease is revoked, so that `/health` and the
+//! checks last until the keys are gone:
 //! - [`composer`]: checks, maintenance and reloads ([`reload`]) → the latest
 //!   [`Desired`](crate::registration::Desired) on a watch channel;
 //! - the lease [`Session`]: grant, keep-alive, loss, re-grant, revoke;
