@@ -110,6 +110,17 @@ fn ms(d: Duration) -> String {
 }
 
 /// CPU seconds (user+system) and RSS (KiB) of a process.
+/// A `kB` field of /proc/PID/status (0 when unreadable).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn proc_usage(pid: u32) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
@@ -117,14 +128,7 @@ fn proc_usage(pid: u32) -> (f64, u64) {
     let ticks = 100.0; // USER_HZ on Linux
     let cpu = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / ticks
         + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / ticks;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    (cpu, rss)
+    (cpu, status_kib(pid, "VmRSS:"))
 }
 
 /// etcd_server_proposals_committed_total of one member.
@@ -361,6 +365,12 @@ async fn steady_state(window: Duration) -> Vec<(String, String)> {
     timer.abort();
     let (a_cpu1, a_rss) = proc_usage(agent_pid);
     let (k_cpu1, k_rss) = proc_usage(ka_pid);
+    // Anonymous memory is what the process itself allocated; the rest of
+    // RSS is file pages of its binary and libraries.
+    let (a_anon, k_anon) = (
+        status_kib(agent_pid, "RssAnon:"),
+        status_kib(ka_pid, "RssAnon:"),
+    );
     let per_host_hour = |p0: f64, p1: f64| (p1 - p0) / hosts as f64 / window.as_secs_f64() * 3600.0;
     let ours_rate = per_host_hour(ours_p0, proposals(&ep).await);
     let theirs_rate = per_host_hour(theirs_p0, proposals(&other).await);
@@ -409,6 +419,15 @@ async fn steady_state(window: Duration) -> Vec<(String, String)> {
         (
             "`etcdctl lease keep-alive` RSS".into(),
             format!("{:.1} MiB", k_rss as f64 / 1024.0),
+        ),
+        (
+            "anonymous RSS: agent / `etcdctl lease keep-alive`".into(),
+            format!(
+                "{:.1} MiB / {:.1} MiB ({:.2}x)",
+                a_anon as f64 / 1024.0,
+                k_anon as f64 / 1024.0,
+                a_anon as f64 / k_anon.max(1) as f64
+            ),
         ),
         (
             "agent RSS / keep-alive RSS".into(),
