@@ -78,6 +78,12 @@ fn main() -> ExitCode {
         }
         result
     });
+    // Dropping the runtime would wait for its blocking threads, among them
+    // etcd-client's name lookups (getaddrinfo), which hang for as long as
+    // the resolver does when etcd's hosts vanish (a `docker compose down`
+    // stops etcd beside the agent). Their results are no longer wanted:
+    // the shutdown is bounded, so the exit is too.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
         Ok(()) => ExitCode::from(exit::OK),
         // With JSON logs every line on stderr is JSON, the last one too.
