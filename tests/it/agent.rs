@@ -7,7 +7,7 @@ use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
 use crate::support::proc::{cmd, host_args};
-use crate::support::{Agent, Cluster, eventually};
+use crate::support::{Agent, Cluster, eventually, free_port};
 use crate::{read_prefix, registered, value};
 
 const DIR: &str = "/infrastructure/dc1/web/h1/";
@@ -570,4 +570,88 @@ async fn sigterm_with_every_member_hung_exits_within_10s_and_says_the_keys_expir
         log.contains("could not announce leaving") && log.contains("keys expire within 30s"),
         "{log}"
     );
+}
+
+/// A stop is bounded even while a name lookup hangs (design.md rule 4).
+/// etcd-client looks endpoint names up with getaddrinfo on a blocking
+/// thread; in `docker compose down` etcd's containers go with the agent,
+/// their names stop resolving, and a lookup waits for the resolver's
+/// timeout. The agent must not wait for it on its way out: here the
+/// namespace's resolver never answers (timeout 30 s), the only etcd member
+/// is paused so the agent fails over to the named endpoint, and SIGTERM
+/// still ends it within 10 s.
+#[tokio::test]
+async fn sigterm_exits_within_10s_while_an_endpoint_name_lookup_hangs() {
+    let ns = crate::dns::Netns::with_resolver_options("timeout:30 attempts:1").await;
+    // A resolver that takes every question and answers none.
+    let mut silent = ns.command("/usr/bin/python3");
+    silent.args([
+        "-c",
+        "import socket, sys, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('127.0.0.1', 53))\nprint('listening', file=sys.stderr, flush=True)\ntime.sleep(3600)",
+    ]);
+    let resolver = Agent::spawn_command("silent resolver", silent);
+    eventually(Duration::from_secs(10), "the silent resolver", || async {
+        if resolver.log().contains("listening") {
+            Ok(())
+        } else {
+            Err(resolver.log())
+        }
+    })
+    .await;
+    let client = format!("http://127.0.0.1:{}", free_port());
+    let mut e = ns.command(crate::support::etcd::etcd_binary());
+    e.arg("--data-dir")
+        .arg(ns.path("m0.etcd"))
+        .args(["--listen-client-urls", &client])
+        .args(["--advertise-client-urls", &client])
+        .args([
+            "--listen-peer-urls",
+            &format!("http://127.0.0.1:{}", free_port()),
+        ]);
+    let etcd = Agent::spawn_command("etcd", e);
+    let exe = env!("CARGO_BIN_EXE_registrar");
+    let endpoints = format!("{client},http://etcd-b.registry.test:2379");
+    let mut a = ns.command(exe);
+    a.args(["agent", "--endpoints", &endpoints])
+        .args(["--dc", "dc1", "--role", "web", "--host", "h1"])
+        .args(["--ip", "10.0.0.1", "--machine-id", "m1", "--ttl", "6s"])
+        .arg("--state-dir")
+        .arg(ns.path("state"));
+    let mut agent = Agent::spawn_command("agent", a);
+    eventually(Duration::from_secs(20), "the agent registered", || async {
+        if agent.log().contains("registered") {
+            Ok(())
+        } else {
+            Err(agent.log())
+        }
+    })
+    .await;
+    // The member hangs: the keep-alive goes silent, and the agent turns to
+    // the named endpoint, whose lookup hangs.
+    etcd.signal(Signal::SIGSTOP);
+    eventually(
+        Duration::from_secs(15),
+        "the agent to try the other endpoint",
+        || async {
+            if agent
+                .log()
+                .contains("etcd does not answer the lease keep-alive")
+            {
+                Ok(())
+            } else {
+                Err(agent.log())
+            }
+        },
+    )
+    .await;
+    let stop = Instant::now();
+    agent.signal(Signal::SIGTERM);
+    let code = agent.wait_exit(Duration::from_secs(40)).await;
+    let took = stop.elapsed();
+    etcd.signal(Signal::SIGCONT);
+    let log = agent.log();
+    assert!(took < Duration::from_secs(10), "took {took:?}:\n{log}");
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("keys expire within"), "{log}");
 }

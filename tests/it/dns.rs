@@ -763,7 +763,7 @@ fn etcd35() -> std::path::PathBuf {
 /// loopback, and its own /etc/resolv.conf naming 127.0.0.1, which is where
 /// Go's resolver (etcd's) asks, on port 53 only. Processes enter it with
 /// `nsenter`; everything is killed when the handles drop.
-struct Netns {
+pub(crate) struct Netns {
     _holder: tokio::process::Child,
     pid: u32,
     dir: tempfile::TempDir,
@@ -772,12 +772,17 @@ struct Netns {
 impl Netns {
     /// Makes the namespace, or fails the test saying why it could not.
     async fn make() -> Netns {
+        Netns::with_resolver_options("timeout:1 attempts:1").await
+    }
+
+    /// The same, with these `options` in its resolv.conf.
+    pub(crate) async fn with_resolver_options(options: &str) -> Netns {
         use tokio::io::AsyncBufReadExt;
         let dir = tempfile::tempdir().unwrap();
         let resolv = dir.path().join("resolv.conf");
         std::fs::write(
             &resolv,
-            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+            format!("nameserver 127.0.0.1\noptions {options}\n"),
         )
         .unwrap();
         let mut holder = tokio::process::Command::new("unshare")
@@ -825,7 +830,7 @@ impl Netns {
     }
 
     /// `program` to run inside the namespace, with an environment of PATH only.
-    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+    pub(crate) fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
         let mut c = tokio::process::Command::new("nsenter");
         c.args(["-t", &self.pid.to_string(), "--net", "--mount", "--"])
             .arg(program)
@@ -837,7 +842,7 @@ impl Netns {
         c
     }
 
-    fn path(&self, name: &str) -> std::path::PathBuf {
+    pub(crate) fn path(&self, name: &str) -> std::path::PathBuf {
         self.dir.path().join(name)
     }
 
