@@ -591,14 +591,9 @@ async fn sigterm_exits_within_10s_while_an_endpoint_name_lookup_hangs() {
          s.bind(('127.0.0.1', 53))\nprint('listening', file=sys.stderr, flush=True)\ntime.sleep(3600)",
     ]);
     let resolver = Agent::spawn_command("silent resolver", silent);
-    eventually(Duration::from_secs(10), "the silent resolver", || async {
-        if resolver.log().contains("listening") {
-            Ok(())
-        } else {
-            Err(resolver.log())
-        }
-    })
-    .await;
+    resolver
+        .wait_log("listening", Duration::from_secs(10))
+        .await;
     let client = format!("http://127.0.0.1:{}", free_port());
     let mut e = ns.command(crate::support::etcd::etcd_binary());
     e.arg("--data-dir")
@@ -619,32 +614,16 @@ async fn sigterm_exits_within_10s_while_an_endpoint_name_lookup_hangs() {
         .arg("--state-dir")
         .arg(ns.path("state"));
     let mut agent = Agent::spawn_command("agent", a);
-    eventually(Duration::from_secs(20), "the agent registered", || async {
-        if agent.log().contains("registered") {
-            Ok(())
-        } else {
-            Err(agent.log())
-        }
-    })
-    .await;
+    agent.wait_log("registered", Duration::from_secs(20)).await;
     // The member hangs: the keep-alive goes silent, and the agent turns to
     // the named endpoint, whose lookup hangs.
     etcd.signal(Signal::SIGSTOP);
-    eventually(
-        Duration::from_secs(15),
-        "the agent to try the other endpoint",
-        || async {
-            if agent
-                .log()
-                .contains("etcd does not answer the lease keep-alive")
-            {
-                Ok(())
-            } else {
-                Err(agent.log())
-            }
-        },
-    )
-    .await;
+    agent
+        .wait_log(
+            "etcd does not answer the lease keep-alive",
+            Duration::from_secs(15),
+        )
+        .await;
     let stop = Instant::now();
     agent.signal(Signal::SIGTERM);
     let code = agent.wait_exit(Duration::from_secs(40)).await;

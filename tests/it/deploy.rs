@@ -820,7 +820,15 @@ fn install_deps_decides_by_files_not_commands() {
     assert_eq!(
         out.trim(),
         "would install: protobuf-compiler libprotobuf-dev etcd-server etcd-client haproxy jq systemd \
-         bind9-dnsutils iproute2 util-linux man-db prometheus"
+         bind9-dnsutils iproute2 util-linux python3 man-db prometheus"
+    );
+    // What compose-test needs: runc named beside podman, so apt never
+    // picks crun for podman's "crun | runc".
+    let (code, out) = install_deps_dry_run(&[], &["compose"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.trim(),
+        "would install: podman runc conmon netavark aardvark-dns iptables mmdebstrap"
     );
 
     // A misspelt group is an error that names the known ones.

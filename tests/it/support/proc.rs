@@ -120,6 +120,19 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until the log holds `text`, or fails the test with the log.
+    pub async fn wait_log(&self, text: &str, within: Duration) {
+        super::eventually(
+            within,
+            &format!("{} to log {text:?}", self.name),
+            || async {
+                let log = self.log();
+                if log.contains(text) { Ok(()) } else { Err(log) }
+            },
+        )
+        .await;
+    }
+
     pub fn pid(&self) -> Pid {
         Pid::from_raw(self.child.id().expect("agent still running") as i32)
     }
