@@ -348,14 +348,17 @@ impl Zone {
         for key in &roles {
             let name = role_name_key(key);
             let spellings = self.spellings.entry(name.clone()).or_default();
-            let before = spellings.clone();
+            let had_many = spellings.len() > 1;
             if has_addressed_host(registry, key) {
                 spellings.insert(key.clone());
             } else {
                 spellings.remove(key);
             }
-            if before.len() > 1 || spellings.len() > 1 {
-                respelled.extend(before.union(spellings).cloned());
+            // Only `key` came or went, so the spellings before and after
+            // are those now, and `key`.
+            if had_many || spellings.len() > 1 {
+                respelled.extend(spellings.iter().cloned());
+                respelled.insert(key.clone());
             }
             if spellings.is_empty() {
                 self.spellings.remove(&name);
