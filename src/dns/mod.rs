@@ -154,7 +154,7 @@ async fn follow(
     let forever = crate::etcd::never();
     let start = tokio::select! {
         _ = cancel.cancelled() => return Ok(()),
-        r = crate::etcd::retry_until(forever, || Follower::start(etcd, prefix, &scope)) => r,
+        r = crate::etcd::retry_until(forever, || Follower::start_hosts_only(etcd, prefix, &scope)) => r,
     };
     let (mut follower, bad) = start?;
     for m in bad {

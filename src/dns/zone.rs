@@ -37,7 +37,9 @@ use std::sync::Arc;
 use hickory_server::proto::op::Query;
 use hickory_server::proto::rr::rdata::{A, AAAA, NS, SOA, SRV};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
-use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder};
+use hickory_server::proto::serialize::binary::{
+    BinDecodable, BinDecoder, BinEncodable, BinEncoder,
+};
 use rand::seq::SliceRandom;
 
 use crate::etcd::Revision;
@@ -86,7 +88,10 @@ fn has_addressed_host(registry: &dyn Hosts, (dc, role): &RoleKey) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Owner {
     Apex,
-    Host(HostId),
+    /// A host entry, by the number [`Zone::refresh_host`] gave it (two
+    /// hosts can share a name: host `a` of role `b.c` and host `a.b` of
+    /// role `c`).
+    Host(u64),
     Role(RoleKey),
 }
 
@@ -94,12 +99,27 @@ enum Owner {
 /// offset 12, where every answer has its question): any compression
 /// pointer in it points into that question, so these bytes are right in any
 /// answer to that name, in any order. The server puts answers together from
-/// them without encoding anything.
+/// them without encoding anything. They are the only form the zone keeps
+/// its records in: a hickory `Record` is 272 bytes before its names, a
+/// host's address here 16; [`Zone::lookup`] reads records back from them
+/// for the answers it encodes.
 pub type Chunk = Arc<[u8]>;
 
+/// The 12 bytes of a header and the question `name`/`qtype`, in wire form.
+fn question(name: &Name, qtype: RecordType) -> Option<Vec<u8>> {
+    let mut buf = Vec::with_capacity(96);
+    let mut encoder = BinEncoder::new(&mut buf);
+    encoder.emit_vec(&[0; 12]).ok()?;
+    Query::query(name.clone(), qtype).emit(&mut encoder).ok()?;
+    Some(buf)
+}
+
 /// `record` in wire form after the question `name`/`qtype` (None when it
-/// cannot be encoded; that name is then answered by encoding).
+/// cannot be encoded, and so could not be in any answer either; names are
+/// checked for length before records are made of them).
 fn chunk(name: &Name, qtype: RecordType, record: &Record) -> Option<Chunk> {
+    // One encoder for both: it compresses the record's names against the
+    // question's.
     let mut buf = Vec::with_capacity(96);
     let mut encoder = BinEncoder::new(&mut buf);
     encoder.emit_vec(&[0; 12]).ok()?;
@@ -109,20 +129,22 @@ fn chunk(name: &Name, qtype: RecordType, record: &Record) -> Option<Chunk> {
     Some(Arc::from(&buf[start..]))
 }
 
-/// The records one owner put at one name, with their wire forms.
+/// The record in `chunk`, read back after the question `name`/`qtype` it
+/// was encoded after (its case as the zone spells the name).
+fn unchunk(name: &Name, qtype: RecordType, chunk: &[u8]) -> Option<Record> {
+    let mut buf = question(name, qtype)?;
+    let start = u16::try_from(buf.len()).ok()?;
+    buf.extend_from_slice(chunk);
+    Record::read(&mut BinDecoder::new(&buf).clone(start)).ok()
+}
+
+/// The records one owner put at one name, in wire form, section by section
+/// (see [`Chunk`]).
 #[derive(Debug, Default)]
 struct Records {
-    a: Vec<Arc<Record>>,
-    aaaa: Vec<Arc<Record>>,
-    srv: Vec<Arc<Record>>,
-    /// The A/AAAA records of the SRV targets (the additional section).
-    targets: Vec<Arc<Record>>,
+    wire: [Vec<Chunk>; 4],
     /// A role or SRV name: its answers are shuffled per question.
     shuffled: bool,
-    /// The same records as chunks, section by section.
-    wire: [Vec<Chunk>; 4],
-    /// Some record had no chunk: answer by encoding.
-    unwired: bool,
 }
 
 /// Indexes of `Records::wire`.
@@ -131,25 +153,28 @@ const WIRE_AAAA: usize = 1;
 const WIRE_SRV: usize = 2;
 const WIRE_TARGETS: usize = 3;
 
+/// The question type a section's chunks were encoded after.
+const SECTION_QTYPE: [RecordType; 4] = [
+    RecordType::A,
+    RecordType::AAAA,
+    RecordType::SRV,
+    RecordType::SRV,
+];
+
 impl Records {
-    fn wired(&mut self, section: usize, chunk: Option<&Chunk>) {
-        match chunk {
-            Some(c) => self.wire[section].push(c.clone()),
-            None => self.unwired = true,
+    fn push(&mut self, section: usize, chunk: Option<&Chunk>) {
+        if let Some(c) = chunk {
+            self.wire[section].push(c.clone());
         }
     }
 
-    fn push_address(&mut self, record: Arc<Record>, chunk: Option<&Chunk>) {
-        match record.record_type() {
-            RecordType::AAAA => {
-                self.aaaa.push(record);
-                self.wired(WIRE_AAAA, chunk);
-            }
-            _ => {
-                self.a.push(record);
-                self.wired(WIRE_A, chunk);
-            }
-        }
+    fn push_address(&mut self, qtype: RecordType, chunk: Option<&Chunk>) {
+        let section = if qtype == RecordType::AAAA {
+            WIRE_AAAA
+        } else {
+            WIRE_A
+        };
+        self.push(section, chunk);
     }
 }
 
@@ -159,17 +184,18 @@ struct Node {
     parts: Vec<(Owner, Arc<Records>)>,
 }
 
-/// A record and its wire form.
-type Wire = (Arc<Record>, Option<Chunk>);
-
-/// One host's records, built when the host changes, each with its chunk.
+/// One host's records, built when the host changes.
 #[derive(Debug)]
 struct HostEntry {
-    /// Its own name and its address there; `None` when it has none (see
-    /// [`Zone::own_name`]): it is then only in its role's answers.
-    own: Option<(LowerName, Wire)>,
+    /// Its address is at its own name, `<host>.<role>.<dc>`; when not (see
+    /// [`Zone::own_name`]) it is only in its role's answers.
+    named: bool,
+    /// Who put its records at its own name.
+    owner: u64,
+    /// A (or AAAA) for its address.
+    qtype: RecordType,
     /// Its address under its role's name.
-    role_addr: Wire,
+    role_addr: Option<Chunk>,
     /// Passing and not in maintenance (or warning, with allow_warning).
     usable: bool,
     srv: Vec<ServiceRecords>,
@@ -178,16 +204,12 @@ struct HostEntry {
 /// One service a host publishes.
 #[derive(Debug)]
 struct ServiceRecords {
-    service: String,
-    /// Owner `_<service>._tcp.<role>.<dc>`, target the host.
-    srv: (Arc<Record>, Option<Chunk>),
+    service: Box<str>,
+    /// SRV at `_<service>._tcp.<role>.<dc>`, target the host.
+    srv: Option<Chunk>,
     /// The host's address, for the additional section of that SRV name.
     target: Option<Chunk>,
 }
-
-/// One service of a role, while the role is put together: the first SRV
-/// record seen (for its name), and each usable publisher's records.
-type Service<'e> = (&'e Record, Vec<(&'e ServiceRecords, &'e HostEntry)>);
 
 /// What one role put in the zone.
 #[derive(Debug, Clone, Default)]
@@ -198,16 +220,17 @@ struct RoleEntry {
 
 /// The answer to one question.
 #[derive(Debug)]
-pub enum Answer<'z> {
+pub enum Answer {
     /// Outside the domain: not ours to answer.
     Refused,
     /// No such name under the domain (the SOA goes in the authority section).
     NxDomain,
     /// The name exists but has no records of that type (SOA in authority).
     NoData,
+    /// Records read back from the zone's chunks (see [`Chunk`]).
     Found {
-        answers: Vec<&'z Record>,
-        additionals: Vec<&'z Record>,
+        answers: Vec<Record>,
+        additionals: Vec<Record>,
     },
 }
 
@@ -236,6 +259,8 @@ pub struct Zone {
     ns: Record,
     nodes: HashMap<LowerName, Node>,
     hosts: HashMap<HostId, Arc<HostEntry>>,
+    /// The number the last host entry made was given (see [`Owner::Host`]).
+    next_owner: u64,
     roles: HashMap<RoleKey, RoleEntry>,
     /// Host entries served under no name of their own, and why (said once).
     unnamed: BTreeMap<HostId, String>,
@@ -286,6 +311,7 @@ impl Zone {
             ns,
             nodes: HashMap::new(),
             hosts: HashMap::new(),
+            next_owner: 0,
             roles: HashMap::new(),
             unnamed: BTreeMap::new(),
             spellings: HashMap::new(),
@@ -301,8 +327,7 @@ impl Zone {
             for ip in zone.settings.ns_addrs.clone() {
                 let record = address(&ns_name, ip, zone.settings.ttl);
                 let qtype = record.record_type();
-                let wire = chunk(&ns_name, qtype, &record);
-                records.push_address(Arc::new(record), wire.as_ref());
+                records.push_address(qtype, chunk(&ns_name, qtype, &record).as_ref());
             }
             zone.put(LowerName::from(&ns_name), Owner::Apex, records);
         }
@@ -460,9 +485,10 @@ impl Zone {
 
     fn refresh_host(&mut self, registry: &dyn Hosts, id: &HostId) {
         if let Some(old) = self.hosts.remove(id)
-            && let Some((name, _)) = &old.own
+            && old.named
+            && let Some(name) = name_under(&[&id.host, &id.role, &id.dc], &self.settings.domain)
         {
-            self.take(name, &Owner::Host(id.clone()));
+            self.take(&LowerName::from(&name), &Owner::Host(old.owner));
         }
         let Some((host, ip)) = registry
             .host(id)
@@ -508,45 +534,42 @@ impl Zone {
                 }
             },
         };
-        let addr = own.as_ref().map(|n| address(n, ip, ttl));
-        let srv = match (&own, &addr) {
-            (Some(host_name), Some(addr)) => host
-                .services
-                .iter()
-                .filter_map(|(service, port)| {
-                    let name = name_under(&[&format!("_{service}"), "_tcp"], &role_name)?;
-                    let rdata = RData::SRV(SRV::new(10, 10, *port, host_name.clone()));
-                    let record = Record::from_rdata(name.clone(), ttl, rdata);
-                    Some(ServiceRecords {
-                        service: service.clone(),
-                        target: chunk(&name, RecordType::SRV, addr),
-                        srv: (
-                            Arc::new(record.clone()),
-                            chunk(&name, RecordType::SRV, &record),
-                        ),
+        let srv = match &own {
+            Some(host_name) => {
+                let addr = address(host_name, ip, ttl);
+                host.services
+                    .iter()
+                    .filter_map(|(service, port)| {
+                        let name = name_under(&[&format!("_{service}"), "_tcp"], &role_name)?;
+                        let rdata = RData::SRV(SRV::new(10, 10, *port, host_name.clone()));
+                        let record = Record::from_rdata(name.clone(), ttl, rdata);
+                        Some(ServiceRecords {
+                            service: service.as_str().into(),
+                            srv: chunk(&name, RecordType::SRV, &record),
+                            target: chunk(&name, RecordType::SRV, &addr),
+                        })
                     })
-                })
-                .collect(),
+                    .collect()
+            }
             // No name: no SRV target either.
-            _ => Vec::new(),
+            None => Vec::new(),
         };
-        let role_addr = address(&role_name, ip, ttl);
+        self.next_owner += 1;
         let entry = HostEntry {
-            own: own.zip(addr).map(|(name, addr)| {
-                let wire = chunk(&name, qtype, &addr);
-                (LowerName::from(&name), (Arc::new(addr), wire))
-            }),
-            role_addr: (
-                Arc::new(role_addr.clone()),
-                chunk(&role_name, qtype, &role_addr),
-            ),
+            named: own.is_some(),
+            owner: self.next_owner,
+            qtype,
+            role_addr: chunk(&role_name, qtype, &address(&role_name, ip, ttl)),
             usable: self.usable(host),
             srv,
         };
-        if let Some((name, addr)) = &entry.own {
+        if let Some(name) = own {
             let mut records = Records::default();
-            records.push_address(addr.0.clone(), addr.1.as_ref());
-            self.put(name.clone(), Owner::Host(id.clone()), records);
+            records.push_address(
+                qtype,
+                chunk(&name, qtype, &address(&name, ip, ttl)).as_ref(),
+            );
+            self.put(LowerName::from(&name), Owner::Host(entry.owner), records);
         }
         self.hosts.insert(id.clone(), Arc::new(entry));
     }
@@ -613,45 +636,44 @@ impl Zone {
             shuffled: true,
             ..Records::default()
         };
-        let mut services: BTreeMap<&str, Service> = BTreeMap::new();
+        // Each service with the usable hosts' records of it.
+        let mut services: BTreeMap<&str, Vec<&ServiceRecords>> = BTreeMap::new();
         for h in &members {
             if h.usable {
-                role_records.push_address(h.role_addr.0.clone(), h.role_addr.1.as_ref());
+                role_records.push_address(h.qtype, h.role_addr.as_ref());
             }
             for s in &h.srv {
-                let e = services
-                    .entry(&s.service)
-                    .or_insert_with(|| (&s.srv.0, Vec::new()));
+                let e = services.entry(&s.service).or_default();
                 if h.usable {
-                    e.1.push((s, h));
+                    e.push(s);
                 }
             }
         }
         let gate = format!("{role}.{dc}").to_ascii_lowercase();
         let need = self.settings.srv_min.get(&gate).copied().unwrap_or(0);
         let mut srv_nodes = Vec::new();
-        for (first, usable) in services.values() {
+        for (service, usable) in &services {
+            // Made for every host that published it, so it is a name.
+            let Some(name) = name_under(&[&format!("_{service}"), "_tcp"], &role_name) else {
+                continue;
+            };
             let mut records = Records {
                 shuffled: true,
                 ..Records::default()
             };
             if usable.len() < need {
                 entry.withheld.push(Withheld {
-                    name: first.name.to_string(),
+                    name: name.to_string(),
                     have: usable.len(),
                     need,
                 });
             } else {
-                for (s, h) in usable {
-                    records.srv.push(s.srv.0.clone());
-                    records.wired(WIRE_SRV, s.srv.1.as_ref());
-                    if let Some((_, addr)) = &h.own {
-                        records.targets.push(addr.0.clone());
-                    }
-                    records.wired(WIRE_TARGETS, s.target.as_ref());
+                for s in usable {
+                    records.push(WIRE_SRV, s.srv.as_ref());
+                    records.push(WIRE_TARGETS, s.target.as_ref());
                 }
             }
-            srv_nodes.push((LowerName::from(&first.name), records));
+            srv_nodes.push((LowerName::from(&name), records));
         }
         self.log_gate(&old.withheld, &entry.withheld);
         let mut put = |zone: &mut Zone, name: LowerName, records: Records| {
@@ -713,9 +735,6 @@ impl Zone {
         let [(_, records)] = node.parts.as_slice() else {
             return None;
         };
-        if records.unwired {
-            return None;
-        }
         let (answers, additionals) = match qtype {
             RecordType::A => (&records.wire[WIRE_A], &[][..]),
             RecordType::AAAA => (&records.wire[WIRE_AAAA], &[][..]),
@@ -739,7 +758,7 @@ impl Zone {
     }
 
     /// Answers one question. Role and SRV answers come in a random order.
-    pub fn lookup(&self, name: &LowerName, qtype: RecordType) -> Answer<'_> {
+    pub fn lookup(&self, name: &LowerName, qtype: RecordType) -> Answer {
         if !self.domain.zone_of(name) {
             return Answer::Refused;
         }
@@ -754,34 +773,41 @@ impl Zone {
             return Answer::NxDomain;
         };
         let apex = *name == self.domain;
-        let parts = || node.parts.iter().map(|(_, r)| r.as_ref());
-        let mut answers: Vec<&Record> = Vec::new();
-        let mut additionals: Vec<&Record> = Vec::new();
-        match qtype {
-            RecordType::A => answers.extend(parts().flat_map(|r| r.a.iter().map(|a| &**a))),
-            RecordType::AAAA => answers.extend(parts().flat_map(|r| r.aaaa.iter().map(|a| &**a))),
-            RecordType::SRV => {
-                answers.extend(parts().flat_map(|r| r.srv.iter().map(|a| &**a)));
-                additionals.extend(parts().flat_map(|r| r.targets.iter().map(|a| &**a)));
-            }
-            RecordType::SOA if apex => answers.push(&self.soa),
-            RecordType::NS if apex => answers.push(&self.ns),
-            RecordType::ANY => {
-                answers.extend(
-                    parts().flat_map(|r| r.a.iter().chain(&r.aaaa).chain(&r.srv).map(|a| &**a)),
-                );
-                if apex {
-                    answers.push(&self.soa);
-                    answers.push(&self.ns);
+        let owner = Name::from(name);
+        // The records of `sections` at this name, read back from chunks.
+        let records = |sections: &[usize]| -> Vec<Record> {
+            let mut out = Vec::new();
+            for (_, r) in &node.parts {
+                for &section in sections {
+                    out.extend(
+                        r.wire[section]
+                            .iter()
+                            .filter_map(|c| unchunk(&owner, SECTION_QTYPE[section], c)),
+                    );
                 }
-                additionals.extend(parts().flat_map(|r| r.targets.iter().map(|a| &**a)));
             }
-            _ => {}
-        }
+            out
+        };
+        let (mut answers, additionals) = match qtype {
+            RecordType::A => (records(&[WIRE_A]), Vec::new()),
+            RecordType::AAAA => (records(&[WIRE_AAAA]), Vec::new()),
+            RecordType::SRV => (records(&[WIRE_SRV]), records(&[WIRE_TARGETS])),
+            RecordType::SOA if apex => (vec![self.soa.clone()], Vec::new()),
+            RecordType::NS if apex => (vec![self.ns.clone()], Vec::new()),
+            RecordType::ANY => {
+                let mut answers = records(&[WIRE_A, WIRE_AAAA, WIRE_SRV]);
+                if apex {
+                    answers.push(self.soa.clone());
+                    answers.push(self.ns.clone());
+                }
+                (answers, records(&[WIRE_TARGETS]))
+            }
+            _ => (Vec::new(), Vec::new()),
+        };
         if answers.is_empty() {
             return Answer::NoData;
         }
-        if answers.len() > 1 && parts().any(|r| r.shuffled) {
+        if answers.len() > 1 && node.parts.iter().any(|(_, r)| r.shuffled) {
             answers.shuffle(&mut rand::rng());
         }
         Answer::Found {
@@ -848,11 +874,11 @@ mod tests {
         }
     }
 
-    fn q<'z>(zone: &'z Zone, name: &str, t: RecordType) -> Answer<'z> {
+    fn q(zone: &Zone, name: &str, t: RecordType) -> Answer {
         zone.lookup(&LowerName::from(Name::from_ascii(name).unwrap()), t)
     }
 
-    fn rdata(a: &Answer<'_>) -> Vec<String> {
+    fn rdata(a: &Answer) -> Vec<String> {
         match a {
             Answer::Found { answers, .. } => {
                 let mut v: Vec<String> = answers.iter().map(|r| r.data.to_string()).collect();

@@ -66,11 +66,30 @@ impl<'a> Follower<'a> {
         prefix: &str,
         scope: &str,
     ) -> Result<(Follower<'a>, Vec<Malformed>), EtcdError> {
+        Follower::start_with(etcd, prefix, scope, Registry::default()).await
+    }
+
+    /// [`Follower::start`], for a consumer that reads hosts alone: the
+    /// mirror keeps no `raw` keys ([`Registry::hosts_only`]).
+    pub async fn start_hosts_only(
+        etcd: &'a Etcd,
+        prefix: &str,
+        scope: &str,
+    ) -> Result<(Follower<'a>, Vec<Malformed>), EtcdError> {
+        Follower::start_with(etcd, prefix, scope, Registry::hosts_only()).await
+    }
+
+    async fn start_with(
+        etcd: &'a Etcd,
+        prefix: &str,
+        scope: &str,
+        empty: Registry,
+    ) -> Result<(Follower<'a>, Vec<Malformed>), EtcdError> {
         let mut f = Follower {
             etcd,
             prefix: prefix.to_string(),
             scope: scope.to_string(),
-            registry: Registry::default(),
+            registry: empty,
             revision: Revision::FIRST,
             cluster_id: 0,
             stream: None,
@@ -93,7 +112,11 @@ impl<'a> Follower<'a> {
                 async move { c.get(scope, Some(GetOptions::new().with_prefix())).await }
             })
             .await?;
-        let (registry, bad) = Registry::from_kvs(&self.prefix, resp.kvs());
+        let mut registry = Registry {
+            hosts_only: self.registry.hosts_only,
+            ..Registry::default()
+        };
+        let bad = registry.fill(&self.prefix, resp.kvs());
         self.registry = registry;
         // etcd always says its revision; were it not to, the newest key
         // read is the best known lower bound (the watch then resumes a

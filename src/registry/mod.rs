@@ -305,7 +305,11 @@ pub struct Registry {
     /// Every key under the prefix with its value (lossy UTF-8): what
     /// confd-style template functions read. Keys outside the layout and
     /// malformed values are included; keys with a malformed segment are not.
+    /// Empty in a [`Registry::hosts_only`] one.
     pub raw: BTreeMap<String, String>,
+    /// `raw` is not kept: for a consumer that reads hosts alone (dns), to
+    /// whom it would be a third of its memory.
+    pub hosts_only: bool,
 }
 
 fn id_of(dir: &HostDir) -> HostId {
@@ -317,6 +321,14 @@ fn id_of(dir: &HostDir) -> HostId {
 }
 
 impl Registry {
+    /// An empty registry that keeps hosts and not `raw`.
+    pub fn hosts_only() -> Registry {
+        Registry {
+            hosts_only: true,
+            ..Registry::default()
+        }
+    }
+
     /// Applies a put of `key` = `value`, on `lease` at `revision` as etcd
     /// reports them (0: none). Returns the host it touched, or why the key
     /// or value was skipped.
@@ -342,10 +354,12 @@ impl Registry {
         if let Some(why) = bad_segment(prefix, &key_text) {
             return Err(bad(why));
         }
-        self.raw.insert(
-            key_text.clone(),
-            String::from_utf8_lossy(value).into_owned(),
-        );
+        if !self.hosts_only {
+            self.raw.insert(
+                key_text.clone(),
+                String::from_utf8_lossy(value).into_owned(),
+            );
+        }
         let (dir, leaf) =
             parse_key(prefix, &key_text).ok_or_else(|| bad("not a registry key".into()))?;
         let id = id_of(&dir);
@@ -390,13 +404,20 @@ impl Registry {
     /// for reporting.
     pub fn from_kvs(prefix: &str, kvs: &[etcd_client::KeyValue]) -> (Registry, Vec<Malformed>) {
         let mut r = Registry::default();
+        let bad = r.fill(prefix, kvs);
+        (r, bad)
+    }
+
+    /// Applies a range read to this (empty) registry; malformed keys are
+    /// returned for reporting.
+    pub fn fill(&mut self, prefix: &str, kvs: &[etcd_client::KeyValue]) -> Vec<Malformed> {
         let mut bad = Vec::new();
         for kv in kvs {
-            if let Err(m) = r.put(prefix, kv.key(), kv.value(), kv.lease(), kv.mod_revision()) {
+            if let Err(m) = self.put(prefix, kv.key(), kv.value(), kv.lease(), kv.mod_revision()) {
                 bad.push(m);
             }
         }
-        (r, bad)
+        bad
     }
 
     /// The hosts consumers may use.
