@@ -103,26 +103,72 @@ async fn ask(sock: &tokio::net::UdpSocket, id: u16, name: &str) -> Vec<String> {
     }
 }
 
-/// What dnsperf measured.
-struct Perf {
-    qps: f64,
-    lost: String,
-    p50: Duration,
-    p99: Duration,
-    not_noerror: usize,
+/// The CPU the servers run on, and the one dnsperf runs on, when the
+/// machine has two or more: pinned, each server gets a core of its own in
+/// every run, whatever the scheduler would have placed where. Unpinned, a
+/// server woken on dnsperf's core answers sooner than one woken on the
+/// other, and which one a run gets is luck (NSD's p50 moved between 29 and
+/// 47 µs from run to run on this 2-core machine).
+fn cpus() -> Option<(usize, usize)> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (n >= 2).then_some((0, 1))
 }
 
-/// dnsperf against `port`: 10 s as fast as it goes (4 clients, 200
-/// outstanding, EDNS0), then 3 s paced at 20,000 questions/s with every
-/// answer's latency (-v) for the percentiles.
-async fn dnsperf(port: u16, questions: &std::path::Path) -> Perf {
-    let base = |c: &mut tokio::process::Command| {
-        c.args(["-s", "127.0.0.1", "-p", &port.to_string(), "-e", "-d"])
-            .arg(questions);
-    };
-    let mut c = tokio::process::Command::new("dnsperf");
-    base(&mut c);
-    let out = c
+/// dnsperf, on its own CPU when there is one.
+fn dnsperf_command() -> tokio::process::Command {
+    match cpus() {
+        Some((_, load)) => {
+            let mut c = tokio::process::Command::new("taskset");
+            c.args(["-c", &load.to_string(), "dnsperf"]);
+            c
+        }
+        None => tokio::process::Command::new("dnsperf"),
+    }
+}
+
+/// Pins every thread of `pid` to the servers' CPU.
+fn pin_server(pid: u32) {
+    if let Some((server, _)) = cpus() {
+        let ok = std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", &server.to_string(), &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "taskset could not pin process {pid}");
+    }
+}
+
+/// How much of a core the rest of the machine used over `window` (from
+/// /proc/stat, everything but idle and iowait): the latency rows are
+/// only worth comparing when this is near 0, for any other runnable
+/// process makes a server wait for a scheduler slice (about 3 ms).
+async fn other_load(window: Duration) -> f64 {
+    fn busy() -> (f64, f64) {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let f: Vec<f64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let total: f64 = f.iter().sum();
+        let idle = f.get(3).copied().unwrap_or(0.0) + f.get(4).copied().unwrap_or(0.0);
+        (total - idle, total)
+    }
+    let (b0, _) = busy();
+    tokio::time::sleep(window).await;
+    let (b1, _) = busy();
+    (b1 - b0) / 100.0 / window.as_secs_f64()
+}
+
+/// dnsperf against `port`, 10 s as fast as it goes (4 clients, 200
+/// outstanding, EDNS0): questions a second, and those lost.
+async fn throughput(port: u16, questions: &std::path::Path) -> (f64, String) {
+    let out = dnsperf_command()
+        .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-e", "-d"])
+        .arg(questions)
         .args(["-l", "10", "-c", "4", "-q", "200"])
         .output()
         .await
@@ -140,10 +186,22 @@ async fn dnsperf(port: u16, questions: &std::path::Path) -> Perf {
         .next()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
-    let lost = field("Queries lost");
-    let mut c = tokio::process::Command::new("dnsperf");
-    base(&mut c);
-    let out = c
+    (qps, field("Queries lost"))
+}
+
+/// What one paced dnsperf run measured.
+struct Latency {
+    p50: Duration,
+    p99: Duration,
+    not_noerror: usize,
+}
+
+/// dnsperf against `port`, 3 s paced at 20,000 questions/s with every
+/// answer's latency (-v).
+async fn latency(port: u16, questions: &std::path::Path) -> Latency {
+    let out = dnsperf_command()
+        .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-e", "-d"])
+        .arg(questions)
         .args(["-l", "3", "-Q", "20000", "-v"])
         .output()
         .await
@@ -161,14 +219,16 @@ async fn dnsperf(port: u16, questions: &std::path::Path) -> Perf {
         }
     }
     lat.sort();
-    Perf {
-        qps,
-        lost,
+    Latency {
         p50: percentile(&lat, 0.5),
         p99: percentile(&lat, 0.99),
         not_noerror,
     }
 }
+
+/// Paced runs, taken in turns so that a passing disturbance falls on both
+/// servers alike.
+const LATENCY_ROUNDS: usize = 3;
 
 fn us(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
@@ -213,11 +273,68 @@ pub async fn dns_bench(n: usize) -> Vec<(String, String)> {
     }
     let first = started.elapsed();
     let pid = dns.pid().as_raw() as u32;
+    pin_server(pid);
+
+    // NSD with the same records, on the same CPU.
+    let nsd_port = free_port();
+    std::fs::write(dir.path().join("zone"), zone_file(n)).expect("zone");
+    let conf = dir.path().join("nsd.conf");
+    let d = dir.path().display();
+    std::fs::write(
+        &conf,
+        format!(
+            "server:\n  ip-address: 127.0.0.1@{nsd_port}\n  server-count: 1\n  username: \"\"\n  \
+             chroot: \"\"\n  zonesdir: \"{d}\"\n  database: \"\"\n  pidfile: \"{d}/nsd.pid\"\n  \
+             xfrdfile: \"{d}/xfrd.state\"\n  zonelistfile: \"{d}/zone.list\"\n  \
+             logfile: \"{d}/nsd.log\"\n  verbosity: 0\n  rrl-ratelimit: 0\n  \
+             rrl-whitelist-ratelimit: 0\nremote-control:\n  control-enable: no\n\
+             zone:\n  name: {DOMAIN}\n  zonefile: zone\n"
+        ),
+    )
+    .expect("nsd.conf");
+    // NSD forks its server processes (the one that answers is a
+    // grandchild): started under taskset, they all inherit the CPU.
+    let mut cmd = match cpus() {
+        Some((server, _)) => {
+            let mut c = tokio::process::Command::new("taskset");
+            c.args(["-c", &server.to_string(), "nsd"]);
+            c
+        }
+        None => tokio::process::Command::new("nsd"),
+    };
+    cmd.arg("-d").arg("-c").arg(&conf).kill_on_drop(true);
+    let nsd = Agent::spawn_command("nsd", cmd);
+    let nsd_started = Instant::now();
+    let nsd_sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("udp");
+    nsd_sock
+        .connect(("127.0.0.1", nsd_port))
+        .await
+        .expect("connect");
+    while ask(&nsd_sock, id, &last_name).await.is_empty() {
+        id = id.wrapping_add(1);
+        if nsd_started.elapsed() > Duration::from_secs(60) {
+            eprintln!("nsd did not answer: {}", nsd.log());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let ranges_before = range_requests(&endpoint).await;
     let (cpu0, _) = proc_usage(pid);
-    let ours = dnsperf(port, &qfile).await;
+    let ours_qps = throughput(port, &qfile).await;
+    let theirs_qps = throughput(nsd_port, &qfile).await;
+    let mut ours_lat = Vec::new();
+    let mut theirs_lat = Vec::new();
+    let mut load = Vec::new();
+    for _ in 0..LATENCY_ROUNDS {
+        load.push(other_load(Duration::from_millis(500)).await);
+        ours_lat.push(latency(port, &qfile).await);
+        theirs_lat.push(latency(nsd_port, &qfile).await);
+    }
     let (cpu1, rss) = proc_usage(pid);
     let ranges = range_requests(&endpoint).await - ranges_before;
+    drop(nsd);
 
     // A change → the answer: take host k out of its role's answer and back.
     let mut changes = Vec::new();
@@ -247,50 +364,27 @@ pub async fn dns_bench(n: usize) -> Vec<(String, String)> {
     changes.sort();
     drop(dns);
 
-    // NSD with the same records.
-    let nsd_port = free_port();
-    std::fs::write(dir.path().join("zone"), zone_file(n)).expect("zone");
-    let conf = dir.path().join("nsd.conf");
-    let d = dir.path().display();
-    std::fs::write(
-        &conf,
-        format!(
-            "server:\n  ip-address: 127.0.0.1@{nsd_port}\n  server-count: 1\n  username: \"\"\n  \
-             chroot: \"\"\n  zonesdir: \"{d}\"\n  database: \"\"\n  pidfile: \"{d}/nsd.pid\"\n  \
-             xfrdfile: \"{d}/xfrd.state\"\n  zonelistfile: \"{d}/zone.list\"\n  \
-             logfile: \"{d}/nsd.log\"\n  verbosity: 0\n  rrl-ratelimit: 0\n  \
-             rrl-whitelist-ratelimit: 0\nremote-control:\n  control-enable: no\n\
-             zone:\n  name: {DOMAIN}\n  zonefile: zone\n"
-        ),
-    )
-    .expect("nsd.conf");
-    let mut cmd = tokio::process::Command::new("nsd");
-    cmd.arg("-d").arg("-c").arg(&conf).kill_on_drop(true);
-    let nsd = Agent::spawn_command("nsd", cmd);
-    let started = Instant::now();
-    let nsd_sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("udp");
-    nsd_sock
-        .connect(("127.0.0.1", nsd_port))
-        .await
-        .expect("connect");
-    while ask(&nsd_sock, id, &last_name).await.is_empty() {
-        id = id.wrapping_add(1);
-        if started.elapsed() > Duration::from_secs(60) {
-            eprintln!("nsd did not answer: {}", nsd.log());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let theirs = dnsperf(nsd_port, &qfile).await;
-    drop(nsd);
-
-    let ratio = if theirs.qps > 0.0 {
-        ours.qps / theirs.qps
+    let ratio = if theirs_qps.0 > 0.0 {
+        ours_qps.0 / theirs_qps.0
     } else {
         0.0
     };
+    // The median round's figures, and every round's p99.
+    let summary = |runs: &[Latency]| {
+        let mut p50: Vec<Duration> = runs.iter().map(|l| l.p50).collect();
+        let mut p99: Vec<Duration> = runs.iter().map(|l| l.p99).collect();
+        let each: Vec<String> = p99.iter().map(|d| us(*d)).collect();
+        p50.sort();
+        p99.sort();
+        (p50[p50.len() / 2], p99[p99.len() / 2], each.join(", "))
+    };
+    let (o50, o99, o_each) = summary(&ours_lat);
+    let (t50, t99, t_each) = summary(&theirs_lat);
+    let not_noerror: (usize, usize) = (
+        ours_lat.iter().map(|l| l.not_noerror).sum(),
+        theirs_lat.iter().map(|l| l.not_noerror).sum(),
+    );
+    let busiest = load.iter().copied().fold(0.0, f64::max);
     vec![
         (
             format!("dns {n} hosts: answering after start (one range read of the registry)"),
@@ -300,26 +394,49 @@ pub async fn dns_bench(n: usize) -> Vec<(String, String)> {
             format!("dns {n} hosts: questions/s, dnsperf 10 s, UDP, 4 clients"),
             format!(
                 "registrar {:.0}/s (lost {}); NSD {:.0}/s (lost {}); ratio {:.2}",
-                ours.qps, ours.lost, theirs.qps, theirs.lost, ratio
+                ours_qps.0, ours_qps.1, theirs_qps.0, theirs_qps.1, ratio
             ),
         ),
         (
-            format!("dns {n} hosts: answer latency p50 / p99 at 20,000 questions/s"),
             format!(
-                "registrar {} / {}; NSD {} / {}{}",
-                us(ours.p50),
-                us(ours.p99),
-                us(theirs.p50),
-                us(theirs.p99),
-                if ours.not_noerror + theirs.not_noerror > 0 {
+                "dns {n} hosts: answer latency p50 / p99 at 20,000 questions/s (median of {LATENCY_ROUNDS} runs each, in turns)"
+            ),
+            format!(
+                "registrar {} / {}; NSD {} / {} (p99 of each run: registrar {o_each}; NSD {t_each}){}{}",
+                us(o50),
+                us(o99),
+                us(t50),
+                us(t99),
+                if not_noerror.0 + not_noerror.1 > 0 {
                     format!(
                         " (answers not NOERROR: registrar {}, NSD {})",
-                        ours.not_noerror, theirs.not_noerror
+                        not_noerror.0, not_noerror.1
+                    )
+                } else {
+                    String::new()
+                },
+                if busiest > 0.1 {
+                    format!(
+                        "; NOT COMPARABLE: other processes used up to {:.0} % of a core just before a run",
+                        busiest * 100.0
                     )
                 } else {
                     String::new()
                 }
             ),
+        ),
+        (
+            format!("dns {n} hosts: where the servers and dnsperf ran"),
+            match cpus() {
+                Some((server, perf)) => format!(
+                    "each server pinned to CPU {server}, dnsperf to CPU {perf}; the machine's load in the 0.5 s before each paced round: {}",
+                    load.iter()
+                        .map(|l| format!("{:.0} %", l * 100.0))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                None => "one CPU: servers and dnsperf share it".into(),
+            },
         ),
         (
             format!("dns {n} hosts: an etcd change in the answers, p50 / p99 (100 changes)"),
