@@ -129,13 +129,27 @@ fn dnsperf_command() -> tokio::process::Command {
 /// Pins every thread of `pid` to the servers' CPU.
 fn pin_server(pid: u32) {
     if let Some((server, _)) = cpus() {
-        let ok = std::process::Command::new("taskset")
-            .args(["-a", "-p", "-c", &server.to_string(), &pid.to_string()])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "taskset could not pin process {pid}");
+        taskset(pid, &server.to_string());
     }
+}
+
+/// Lets `pid` run anywhere again (for the change rows, where etcd and
+/// the server work in turn).
+fn unpin(pid: u32) {
+    if cpus().is_some() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        taskset(pid, &format!("0-{}", n - 1));
+    }
+}
+
+/// Sets the CPUs every thread of `pid` may run on (util-linux's taskset).
+fn taskset(pid: u32, list: &str) {
+    let ok = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", list, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "taskset could not set process {pid}'s CPUs to {list}");
 }
 
 /// How much of a core the rest of the machine used over `window` (from
@@ -335,6 +349,7 @@ pub async fn dns_bench(n: usize) -> Vec<(String, String)> {
     let (cpu1, rss) = proc_usage(pid);
     let ranges = range_requests(&endpoint).await - ranges_before;
     drop(nsd);
+    unpin(pid);
 
     // A change → the answer: take host k out of its role's answer and back.
     let mut changes = Vec::new();

@@ -138,6 +138,23 @@ fn unchunk(name: &Name, qtype: RecordType, chunk: &[u8]) -> Option<Record> {
     Record::read(&mut BinDecoder::new(&buf).clone(start)).ok()
 }
 
+/// A name as the zone keys it: its wire form (length-prefixed labels and
+/// the root's 0), in ASCII lower case. The server looks a question's name
+/// up as it arrived, lowercased, without decoding it; and a key is a fifth
+/// of a hickory `LowerName`'s size.
+pub type Key = Box<[u8]>;
+
+/// The key of `name`.
+pub fn name_key(name: &Name) -> Key {
+    let mut out = Vec::with_capacity(name.len() + 2);
+    for label in name.iter() {
+        out.push(u8::try_from(label.len()).unwrap_or(u8::MAX));
+        out.extend(label.iter().map(u8::to_ascii_lowercase));
+    }
+    out.push(0);
+    out.into_boxed_slice()
+}
+
 /// The records one owner put at one name, in wire form, section by section
 /// (see [`Chunk`]).
 #[derive(Debug, Default)]
@@ -214,7 +231,7 @@ struct ServiceRecords {
 /// What one role put in the zone.
 #[derive(Debug, Clone, Default)]
 struct RoleEntry {
-    names: Vec<LowerName>,
+    names: Vec<Key>,
     withheld: Vec<Withheld>,
 }
 
@@ -254,10 +271,12 @@ pub struct Withheld {
 pub struct Zone {
     settings: Arc<Settings>,
     domain: LowerName,
+    /// The domain's [`Key`].
+    apex: Key,
     soa: Record,
     /// The apex's NS record.
     ns: Record,
-    nodes: HashMap<LowerName, Node>,
+    nodes: HashMap<Key, Node>,
     hosts: HashMap<HostId, Arc<HostEntry>>,
     /// The number the last host entry made was given (see [`Owner::Host`]).
     next_owner: u64,
@@ -273,7 +292,7 @@ pub struct Zone {
     /// Names with no records whose subtree has some (a dotted host name's
     /// parents): they answer NODATA, not NXDOMAIN (RFC 8020). How many
     /// names below each one holds.
-    empty: HashMap<LowerName, usize>,
+    empty: HashMap<Key, usize>,
     /// The registry revision the zone was built at (`None`: no registry
     /// yet).
     pub revision: Option<Revision>,
@@ -298,6 +317,7 @@ impl Zone {
     /// NXDOMAIN.
     pub fn new(settings: Settings) -> Zone {
         let domain = LowerName::from(&settings.domain);
+        let apex = name_key(&settings.domain);
         let soa = soa(&settings, None);
         let ns = Record::from_rdata(
             settings.domain.clone(),
@@ -307,6 +327,7 @@ impl Zone {
         let mut zone = Zone {
             settings: Arc::new(settings),
             domain: domain.clone(),
+            apex,
             soa,
             ns,
             nodes: HashMap::new(),
@@ -319,7 +340,7 @@ impl Zone {
             empty: HashMap::new(),
             revision: None,
         };
-        zone.put(domain, Owner::Apex, Records::default());
+        zone.put(zone.apex.clone(), Owner::Apex, Records::default());
         // The name server's own name resolves, when it is ours to answer.
         let ns_name = zone.settings.ns.clone();
         if zone.domain.zone_of(&LowerName::from(&ns_name)) && !zone.settings.ns_addrs.is_empty() {
@@ -329,7 +350,7 @@ impl Zone {
                 let qtype = record.record_type();
                 records.push_address(qtype, chunk(&ns_name, qtype, &record).as_ref());
             }
-            zone.put(LowerName::from(&ns_name), Owner::Apex, records);
+            zone.put(name_key(&ns_name), Owner::Apex, records);
         }
         zone
     }
@@ -403,7 +424,7 @@ impl Zone {
         self.soa = soa(&self.settings, Some(revision));
     }
 
-    fn put(&mut self, name: LowerName, owner: Owner, records: Records) {
+    fn put(&mut self, name: Key, owner: Owner, records: Records) {
         if !self.nodes.contains_key(&name) {
             for parent in self.parents(&name) {
                 *self.empty.entry(parent).or_default() += 1;
@@ -416,7 +437,7 @@ impl Zone {
             .push((owner, Arc::new(records)));
     }
 
-    fn take(&mut self, name: &LowerName, owner: &Owner) {
+    fn take(&mut self, name: &[u8], owner: &Owner) {
         if let Some(node) = self.nodes.get_mut(name) {
             node.parts.retain(|(o, _)| o != owner);
             if node.parts.is_empty() {
@@ -433,14 +454,15 @@ impl Zone {
         }
     }
 
-    /// The names between `name` and the apex, both left out.
-    fn parents(&self, name: &LowerName) -> Vec<LowerName> {
-        let apex = self.settings.domain.num_labels();
-        let mut n = Name::from(name.clone());
+    /// The names between `name` and the apex, both left out: the keys
+    /// that end `name`'s, longer than the apex's.
+    fn parents(&self, name: &[u8]) -> Vec<Key> {
+        let apex = self.apex.len();
         let mut out = Vec::new();
-        while n.num_labels() > apex + 1 {
-            n = n.base_name();
-            out.push(LowerName::from(&n));
+        let mut at = name.first().map_or(name.len(), |l| usize::from(*l) + 1);
+        while name.len().saturating_sub(at) > apex {
+            out.push(name[at..].into());
+            at += usize::from(name[at]) + 1;
         }
         out
     }
@@ -488,7 +510,7 @@ impl Zone {
             && old.named
             && let Some(name) = name_under(&[&id.host, &id.role, &id.dc], &self.settings.domain)
         {
-            self.take(&LowerName::from(&name), &Owner::Host(old.owner));
+            self.take(&name_key(&name), &Owner::Host(old.owner));
         }
         let Some((host, ip)) = registry
             .host(id)
@@ -569,7 +591,7 @@ impl Zone {
                 qtype,
                 chunk(&name, qtype, &address(&name, ip, ttl)).as_ref(),
             );
-            self.put(LowerName::from(&name), Owner::Host(entry.owner), records);
+            self.put(name_key(&name), Owner::Host(entry.owner), records);
         }
         self.hosts.insert(id.clone(), Arc::new(entry));
     }
@@ -673,16 +695,16 @@ impl Zone {
                     records.push(WIRE_TARGETS, s.target.as_ref());
                 }
             }
-            srv_nodes.push((LowerName::from(&name), records));
+            srv_nodes.push((name_key(&name), records));
         }
         self.log_gate(&old.withheld, &entry.withheld);
-        let mut put = |zone: &mut Zone, name: LowerName, records: Records| {
+        let mut put = |zone: &mut Zone, name: Key, records: Records| {
             entry.names.push(name.clone());
             zone.put(name, owner.clone(), records);
         };
-        put(self, LowerName::from(&role_name), role_records);
-        put(self, LowerName::from(&tcp_name), Records::default());
-        put(self, LowerName::from(&dc_name), Records::default());
+        put(self, name_key(&role_name), role_records);
+        put(self, name_key(&tcp_name), Records::default());
+        put(self, name_key(&dc_name), Records::default());
         for (name, records) in srv_nodes {
             put(self, name, records);
         }
@@ -727,10 +749,11 @@ impl Zone {
         self.nodes.len()
     }
 
-    /// The answer to an A, AAAA or SRV question for a name with records of
-    /// that type, as chunks (answers shuffled where the name's are), or
-    /// None: the question is answered by encoding ([`Zone::lookup`]).
-    pub fn wired(&self, name: &LowerName, qtype: RecordType) -> Option<Wired<'_>> {
+    /// The answer to an A, AAAA or SRV question for a name (its [`Key`])
+    /// with records of that type, as chunks (answers shuffled where the
+    /// name's are), or None: the question is answered by encoding
+    /// ([`Zone::lookup`]).
+    pub fn wired(&self, name: &[u8], qtype: RecordType) -> Option<Wired<'_>> {
         let node = self.nodes.get(name)?;
         let [(_, records)] = node.parts.as_slice() else {
             return None;
@@ -766,13 +789,14 @@ impl Zone {
         if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
             return Answer::Refused;
         }
-        let Some(node) = self.nodes.get(name) else {
-            if self.empty.contains_key(name) {
+        let wanted = name_key(name);
+        let Some(node) = self.nodes.get(&wanted) else {
+            if self.empty.contains_key(&wanted) {
                 return Answer::NoData;
             }
             return Answer::NxDomain;
         };
-        let apex = *name == self.domain;
+        let apex = wanted == self.apex;
         let owner = Name::from(name);
         // The records of `sections` at this name, read back from chunks.
         let records = |sections: &[usize]| -> Vec<Record> {
