@@ -6,6 +6,7 @@
 //! Flags: `--window SECS` (steady-state measurement window, default 60),
 //! `--runs N` (one-shot runs, default 25), `--swarm 1000,5000,10000`,
 //! `--only oneshot,steady,swarm,render,haproxy,dns`, `--render 1000,10000`,
+//! (`--only order` rewrites link/agent.order instead: see build.rs),
 //! `--haproxy 1000`, `--dns 1000,10000`,
 //! `--spread` (swarm hosts spread over all members instead of all on the leader).
 
@@ -18,6 +19,9 @@ mod dns;
 
 #[path = "registrar/haproxy.rs"]
 mod haproxy;
+
+#[path = "registrar/text_order.rs"]
+mod text_order;
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -34,7 +38,10 @@ use support::{Agent, Cluster, Options};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-const BIN: &str = env!("CARGO_BIN_EXE_registrar");
+/// The binary measured: see [`support::proc::binary`].
+fn bin() -> std::path::PathBuf {
+    support::proc::binary()
+}
 
 struct Args {
     window: Duration,
@@ -199,7 +206,7 @@ async fn one_shot(runs: usize) -> Vec<(String, String)> {
     let mut shell = Vec::new();
     for i in 0..runs {
         let (d, ok) = timed(
-            tokio::process::Command::new(BIN)
+            tokio::process::Command::new(bin())
                 .arg("register")
                 .args(host_flags(&ep, &format!("r{i}"), &format!("m{i}"))),
         )
@@ -246,14 +253,10 @@ async fn one_shot(runs: usize) -> Vec<(String, String)> {
     ]
 }
 
-async fn steady_state(window: Duration) -> Vec<(String, String)> {
-    let hosts = 20;
-    let ours = Cluster::start(1).await;
-    let theirs = Cluster::start(1).await;
-    let ep = ours.endpoint_list();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let cfg = dir.path().join("registrar.yaml");
-    let tcp_port = ours.members[0].client_port;
+/// The idle agent's configuration: an exec, a tcp (to `tcp_port`) and an
+/// http check, every 10 s; the http target is served from this process.
+async fn agent_config(dir: &std::path::Path, tcp_port: u16) -> std::path::PathBuf {
+    let cfg = dir.join("registrar.yaml");
     // The http check needs a target that is not etcd: etcd 3.4's /health is
     // a quorum read through raft and would count as a proposal.
     let http = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -281,6 +284,16 @@ async fn steady_state(window: Duration) -> Vec<(String, String)> {
         ),
     )
     .expect("config");
+    cfg
+}
+
+async fn steady_state(window: Duration) -> Vec<(String, String)> {
+    let hosts = 20;
+    let ours = Cluster::start(1).await;
+    let theirs = Cluster::start(1).await;
+    let ep = ours.endpoint_list();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = agent_config(dir.path(), ours.members[0].client_port).await;
     let mut agents = Vec::new();
     for i in 0..hosts {
         let mut args = vec![
@@ -411,7 +424,20 @@ async fn steady_state(window: Duration) -> Vec<(String, String)> {
     let crash = gone_after("a2".into(), Signal::SIGKILL).await;
     let _ = keepalive.start_kill();
     drop(agents);
+    let order = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(text_order::ORDER);
+    let (found, listed) = text_order::coverage(&bin(), &order);
     vec![
+        (
+            "text order (build.rs): functions of link/agent.order in this binary".into(),
+            format!(
+                "{found} of {listed}{}",
+                if found * 10 < listed * 9 {
+                    "; STALE: scripts/order-text rewrites it, and the RSS below is higher than it should be"
+                } else {
+                    ""
+                }
+            ),
+        ),
         (
             "idle agent RSS (3 checks, TTL 30s)".into(),
             format!("{:.1} MiB", a_rss as f64 / 1024.0),
@@ -915,6 +941,12 @@ fn main() {
         for n in a.dns.clone() {
             print(rt.block_on(dns::dns_bench(n)));
         }
+    }
+    // Not a measurement and not in the default run: it rewrites a file of
+    // the repository (scripts/order-text).
+    if a.only.iter().any(|o| o == "order") {
+        let order = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(text_order::ORDER);
+        print(rt.block_on(text_order::write(&order)));
     }
     if part("swarm") {
         // The simulated hosts would run on other machines; here they share

@@ -116,7 +116,7 @@ async fn run_mode(
     );
     let dry = dir.join(format!("{label}-dry.yaml"));
     std::fs::write(&dry, &base).expect("config");
-    let out = std::process::Command::new(super::BIN)
+    let out = std::process::Command::new(super::bin())
         .args(["render", "--dry-run", "--config"])
         .arg(&dry)
         .output()

@@ -9,8 +9,19 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 /// A `registrar` command with an empty environment but PATH and a log filter.
+/// The registrar binary: the one cargo built for this test or bench, or,
+/// for the benchmark, `REGISTRAR_BENCH_BIN`: `cargo bench` builds the
+/// binary with the dev-dependencies' features (tokio's test-util, and more
+/// through reqwest and rcgen), so scripts/bench measures the one
+/// `cargo build --release` makes, the one that ships.
+pub fn binary() -> std::path::PathBuf {
+    std::env::var_os("REGISTRAR_BENCH_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_registrar").into())
+}
+
 pub fn registrar() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_registrar"));
+    let mut c = Command::new(binary());
     c.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("REGISTRAR_LOG", "info,registrar=debug")
