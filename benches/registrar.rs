@@ -287,6 +287,30 @@ async fn agent_config(dir: &std::path::Path, tcp_port: u16) -> std::path::PathBu
     cfg
 }
 
+/// Waits until `prefix` holds `n` keys or `within` has passed; whether it
+/// does.
+async fn keys_under(c: &Client, prefix: &str, n: usize, within: Duration) -> bool {
+    let started = Instant::now();
+    loop {
+        let have = c
+            .clone()
+            .get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .map(|r| r.count())
+            .unwrap_or(0);
+        if have >= n as i64 {
+            return true;
+        }
+        if started.elapsed() > within {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn steady_state(window: Duration) -> Vec<(String, String)> {
     let hosts = 20;
     let ours = Cluster::start(1).await;
@@ -334,22 +358,13 @@ async fn steady_state(window: Duration) -> Vec<(String, String)> {
         .expect("etcdctl lease keep-alive");
     // Let everything register and settle before measuring.
     let c = ours.client().await;
-    let settle = Instant::now();
-    loop {
-        let n = c
-            .clone()
-            .get(
-                "/infrastructure/dc1/web/",
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            )
-            .await
-            .map(|r| r.count())
-            .unwrap_or(0);
-        if n >= (hosts * 6) as i64 || settle.elapsed() > Duration::from_secs(30) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    keys_under(
+        &c,
+        "/infrastructure/dc1/web/",
+        hosts * 6,
+        Duration::from_secs(30),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let agent_pid = agents[0].pid().as_raw() as u32;

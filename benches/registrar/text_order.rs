@@ -13,11 +13,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use etcd_client::GetOptions;
-use tokio::time::Instant;
-
 use super::support::{Agent, Cluster};
-use super::{agent_config, bin, host_flags};
+use super::{agent_config, bin, host_flags, keys_under};
 
 /// Where the order is kept, from the package's root.
 pub const ORDER: &str = "link/agent.order";
@@ -136,27 +133,19 @@ pub async fn write(order: &Path) -> Vec<(String, String)> {
     let mut agent = Agent::spawn_command("agent under callgrind", cmd);
     // Registered (its six keys), then three rounds of checks and
     // keep-alives (10 s each), then the graceful stop.
-    let mut c = cluster.client().await;
-    let started = Instant::now();
-    loop {
-        let n = c
-            .get(
-                "/infrastructure/dc1/web/traced/",
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            )
-            .await
-            .map(|r| r.count())
-            .unwrap_or(0);
-        if n >= 6 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the traced agent did not register within 120 s: {}",
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let c = cluster.client().await;
+    let registered = keys_under(
+        &c,
+        "/infrastructure/dc1/web/traced/",
+        6,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(
+        registered,
+        "the traced agent did not register within 120 s: {}",
+        agent.log()
+    );
     tokio::time::sleep(Duration::from_secs(35)).await;
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     // callgrind writes the profile as the agent exits.
