@@ -356,12 +356,47 @@ async fn steady_state(window: Duration) -> Vec<(String, String)> {
         .kill_on_drop(true)
         .spawn()
         .expect("etcdctl lease keep-alive");
+    // One more agent, against etcd over mutual TLS: it runs the TLS code
+    // as well, which link/agent.order places after the plain agent's.
+    let secure = Cluster::start_with(
+        1,
+        Options {
+            tls: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    let tls_agent = {
+        let pki = secure.pki.as_ref().expect("a TLS cluster");
+        let mut args = vec![
+            "agent".to_string(),
+            "--config".into(),
+            cfg.to_string_lossy().into_owned(),
+        ];
+        args.extend(host_flags(&secure.endpoint_list(), "tls", "tls"));
+        for (flag, path) in [
+            ("--cacert", &pki.ca),
+            ("--cert", &pki.client_cert),
+            ("--key", &pki.client_key),
+        ] {
+            args.push(flag.into());
+            args.push(path.to_string_lossy().into_owned());
+        }
+        Agent::spawn("agent over TLS", &args)
+    };
     // Let everything register and settle before measuring.
     let c = ours.client().await;
     keys_under(
         &c,
         "/infrastructure/dc1/web/",
         hosts * 6,
+        Duration::from_secs(30),
+    )
+    .await;
+    keys_under(
+        &secure.client().await,
+        "/infrastructure/dc1/web/",
+        6,
         Duration::from_secs(30),
     )
     .await;
@@ -392,6 +427,8 @@ async fn steady_state(window: Duration) -> Vec<(String, String)> {
     tokio::time::sleep(window).await;
     timer.abort();
     let (a_cpu1, a_rss) = proc_usage(agent_pid);
+    let (_, tls_rss) = proc_usage(tls_agent.pid().as_raw() as u32);
+    drop(tls_agent);
     let (k_cpu1, k_rss) = proc_usage(ka_pid);
     // Anonymous memory is what the process itself allocated; the rest of
     // RSS is file pages of its binary and libraries.
@@ -456,6 +493,14 @@ async fn steady_state(window: Duration) -> Vec<(String, String)> {
         (
             "idle agent RSS (3 checks, TTL 30s)".into(),
             format!("{:.1} MiB", a_rss as f64 / 1024.0),
+        ),
+        (
+            "the same agent against etcd over mutual TLS: RSS".into(),
+            format!(
+                "{:.1} MiB ({:.2}x keep-alive's, which is over plain HTTP)",
+                tls_rss as f64 / 1024.0,
+                tls_rss as f64 / k_rss.max(1) as f64
+            ),
         ),
         (
             "`etcdctl lease keep-alive` RSS".into(),

@@ -5,7 +5,8 @@
 //!
 //! The agent runs under valgrind's callgrind, which records every function
 //! executed, however rarely: start-up, registration, three rounds of its
-//! exec, tcp and http checks, keep-alives, and the graceful stop. Sampling
+//! exec, tcp and http checks, keep-alives, and the graceful stop; once
+//! against etcd over plain HTTP and once over mutual TLS. Sampling
 //! (perf) would miss the functions run once, and each one missed is a
 //! 64 KiB window of code made resident.
 
@@ -13,7 +14,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use super::support::{Agent, Cluster};
+use super::support::{Agent, Cluster, Options};
 use super::{agent_config, bin, host_flags, keys_under};
 
 /// Where the order is kept, from the package's root.
@@ -108,12 +109,21 @@ pub fn coverage(binary: &Path, order: &Path) -> (usize, usize) {
     (found, listed.len())
 }
 
-/// Traces one idle agent and writes the functions it ran to `order`,
-/// sorted by their place in the binary traced (code that sits together
-/// stays together).
-pub async fn write(order: &Path) -> Vec<(String, String)> {
-    let binary = std::fs::canonicalize(bin()).expect("the release binary");
-    let cluster = Cluster::start(1).await;
+/// The functions one idle agent runs: against etcd over plain HTTP, or
+/// over mutual TLS.
+async fn trace(binary: &Path, tls: bool) -> Vec<String> {
+    let cluster = if tls {
+        Cluster::start_with(
+            1,
+            Options {
+                tls: true,
+                ..Options::default()
+            },
+        )
+        .await
+    } else {
+        Cluster::start(1).await
+    };
     let dir = tempfile::tempdir().expect("temp dir");
     let cfg = agent_config(dir.path(), cluster.members[0].client_port).await;
     let profile = dir.path().join("callgrind.out");
@@ -126,10 +136,18 @@ pub async fn write(order: &Path) -> Vec<(String, String)> {
         .arg("--tool=callgrind")
         .arg("--demangle=no")
         .arg(format!("--callgrind-out-file={}", profile.display()))
-        .arg(&binary)
+        .arg(binary)
         .args(["agent", "--config"])
         .arg(&cfg)
         .args(host_flags(&cluster.endpoint_list(), "traced", "traced"));
+    if let Some(pki) = &cluster.pki {
+        cmd.arg("--cacert")
+            .arg(&pki.ca)
+            .arg("--cert")
+            .arg(&pki.client_cert)
+            .arg("--key")
+            .arg(&pki.client_key);
+    }
     let mut agent = Agent::spawn_command("agent under callgrind", cmd);
     // Registered (its six keys), then three rounds of checks and
     // keep-alives (10 s each), then the graceful stop.
@@ -152,26 +170,47 @@ pub async fn write(order: &Path) -> Vec<(String, String)> {
     let code = agent.wait_exit(Duration::from_secs(60)).await;
     assert_eq!(code, 0, "the traced agent's stop failed: {}", agent.log());
     let text = std::fs::read_to_string(&profile).expect("callgrind's profile");
-    let ran = executed(&text, &binary.to_string_lossy());
+    executed(&text, &binary.to_string_lossy())
+}
+
+/// Traces an idle agent over plain HTTP and one over TLS, and writes the
+/// functions they ran to `order`: the plain agent's first, then those only
+/// TLS needed, each part sorted by its place in the binary traced (code
+/// that sits together stays together).
+pub async fn write(order: &Path) -> Vec<(String, String)> {
+    let binary = std::fs::canonicalize(bin()).expect("the release binary");
     let symbols = symbols(&binary);
-    let mut known: Vec<(&String, (u64, u64))> = ran
-        .iter()
-        .filter_map(|n| symbols.get(n).map(|s| (n, *s)))
-        .collect();
-    known.sort_by_key(|(_, (addr, _))| *addr);
-    let bytes: u64 = known.iter().map(|(_, (_, size))| size).sum();
-    let mut lines: String = known.iter().map(|(n, _)| format!("{n}\n")).collect();
+    let mut listed = std::collections::HashSet::new();
+    let mut lines = String::new();
+    let mut rows = Vec::new();
+    for (tls, what) in [(false, "over plain HTTP"), (true, "over TLS, beyond those")] {
+        let ran = trace(&binary, tls).await;
+        let mut known: Vec<(&String, (u64, u64))> = ran
+            .iter()
+            .filter(|n| !listed.contains(*n))
+            .filter_map(|n| symbols.get(n).map(|s| (n, *s)))
+            .collect();
+        known.sort_by_key(|(_, (addr, _))| *addr);
+        let bytes: u64 = known.iter().map(|(_, (_, size))| size).sum();
+        for (n, _) in &known {
+            lines.push_str(n);
+            lines.push('\n');
+            listed.insert((*n).clone());
+        }
+        rows.push((
+            format!("text order: functions an idle agent ran {what}"),
+            format!(
+                "{}, {} KiB of code ({} in all had no symbol)",
+                known.len(),
+                bytes / 1024,
+                ran.iter().filter(|n| !symbols.contains_key(*n)).count()
+            ),
+        ));
+    }
     if lines.is_empty() {
         lines.push('\n');
     }
     std::fs::write(order, lines).expect("write the order");
-    vec![(
-        format!("text order written to {}", order.display()),
-        format!(
-            "{} functions, {} KiB of code, that an idle agent ran ({} more had no symbol)",
-            known.len(),
-            bytes / 1024,
-            ran.len() - known.len()
-        ),
-    )]
+    rows.push(("text order written to".into(), order.display().to_string()));
+    rows
 }
