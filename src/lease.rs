@@ -602,7 +602,9 @@ async fn open_stream(
 pub const REVOKE_WITHIN: Duration = Duration::from_secs(5);
 
 /// Revokes on shutdown, within [`REVOKE_WITHIN`], saying what happened to
-/// the host's keys.
+/// the host's keys. A revoke that fails is a WARN, not an ERROR: the stop
+/// still succeeds (exit 0) and the keys go within the TTL, so an alert on
+/// ERROR lines would fire for every stop during an etcd outage.
 pub async fn revoke_logged(etcd: &Etcd, lease: Lease) {
     let expire = humantime::format_duration(lease.ttl);
     match tokio::time::timeout(REVOKE_WITHIN, revoke(etcd, lease.id)).await {
@@ -610,11 +612,11 @@ pub async fn revoke_logged(etcd: &Etcd, lease: Lease) {
             lease = %lease.id,
             "lease revoked; this host's keys are gone"
         ),
-        Ok(Err(e)) => tracing::error!(
+        Ok(Err(e)) => tracing::warn!(
             error = %e,
             "could not revoke the lease; this host's keys expire within {expire}"
         ),
-        Err(_) => tracing::error!(
+        Err(_) => tracing::warn!(
             "could not revoke the lease: etcd did not answer within {}; this host's keys expire within {expire}",
             humantime::format_duration(REVOKE_WITHIN)
         ),
