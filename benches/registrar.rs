@@ -367,21 +367,13 @@ async fn steady_state(window: Duration) -> Vec<(String, String)> {
     )
     .await;
     let tls_agent = {
-        let pki = secure.pki.as_ref().expect("a TLS cluster");
         let mut args = vec![
             "agent".to_string(),
             "--config".into(),
             cfg.to_string_lossy().into_owned(),
         ];
         args.extend(host_flags(&secure.endpoint_list(), "tls", "tls"));
-        for (flag, path) in [
-            ("--cacert", &pki.ca),
-            ("--cert", &pki.client_cert),
-            ("--key", &pki.client_key),
-        ] {
-            args.push(flag.into());
-            args.push(path.to_string_lossy().into_owned());
-        }
+        args.extend(secure.pki.as_ref().expect("a TLS cluster").client_args());
         Agent::spawn("agent over TLS", &args)
     };
     // Let everything register and settle before measuring.

@@ -141,12 +141,7 @@ async fn trace(binary: &Path, tls: bool) -> Vec<String> {
         .arg(&cfg)
         .args(host_flags(&cluster.endpoint_list(), "traced", "traced"));
     if let Some(pki) = &cluster.pki {
-        cmd.arg("--cacert")
-            .arg(&pki.ca)
-            .arg("--cert")
-            .arg(&pki.client_cert)
-            .arg("--key")
-            .arg(&pki.client_key);
+        cmd.args(pki.client_args());
     }
     let mut agent = Agent::spawn_command("agent under callgrind", cmd);
     // Registered (its six keys), then three rounds of checks and

@@ -289,10 +289,14 @@ impl Handler {
                 ResponseCode::ServFail
             }
         };
-        let qtype = request.queries.queries().first().map(|q| q.query_type());
-        self.count(qtype, rcode, started);
+        self.count(question_type(&request), rcode, started);
         Some(bytes)
     }
+}
+
+/// The type of `request`'s (first) question, for the metrics.
+fn question_type(request: &Request) -> Option<RecordType> {
+    request.queries.queries().first().map(|q| q.query_type())
 }
 
 /// A question of the plain kind nearly every one is, read from the
@@ -353,12 +357,12 @@ impl<'n> Plain<'n> {
             // OPT: the root name, type 41, the payload size as its class,
             // extended rcode, version, flags, then options (not used).
             let opt = packet.get(question_end..)?;
-            let rdlen = usize::from(u16::from_be_bytes([*opt.get(9)?, *opt.get(10)?]));
+            let rdlen = usize::from(u16_at(question_end + 9)?);
             let plain = opt.first() == Some(&0)
-                && opt.get(1..3) == Some(&[0, 41][..])
+                && u16_at(question_end + 1) == Some(41)
                 && opt.get(6) == Some(&0)
                 && opt.len() == 11 + rdlen;
-            let payload = u16::from_be_bytes([*opt.get(3)?, *opt.get(4)?]);
+            let payload = u16_at(question_end + 3)?;
             (plain.then_some((usize::from(payload.clamp(512, MAX_UDP_PAYLOAD)), true)))?
         };
         Some(Plain {
@@ -675,8 +679,7 @@ impl RequestHandler for Handler {
                 "the answer to {question} does not fit in one DNS message (64 KiB) even over TCP, so it was sent truncated (TC set); split the role, or ask for hosts by name (said once)"
             );
         }
-        let qtype = request.queries.queries().first().map(|q| q.query_type());
-        self.count(qtype, info.response_code, started);
+        self.count(question_type(request), info.response_code, started);
         info
     }
 }

@@ -105,37 +105,40 @@ enum Owner {
 /// for the answers it encodes.
 pub type Chunk = Arc<[u8]>;
 
-/// The 12 bytes of a header and the question `name`/`qtype`, in wire form.
-fn question(name: &Name, qtype: RecordType) -> Option<Vec<u8>> {
+/// 12 bytes where a header goes, the question `name`/`qtype`, and then
+/// `record` if there is one, in wire form; and where the question ends.
+/// One encoder writes both, so the record's names are compressed against
+/// the question's.
+fn after_question(
+    name: &Name,
+    qtype: RecordType,
+    record: Option<&Record>,
+) -> Option<(Vec<u8>, usize)> {
     let mut buf = Vec::with_capacity(96);
     let mut encoder = BinEncoder::new(&mut buf);
     encoder.emit_vec(&[0; 12]).ok()?;
     Query::query(name.clone(), qtype).emit(&mut encoder).ok()?;
-    Some(buf)
+    let start = encoder.offset();
+    if let Some(record) = record {
+        record.emit(&mut encoder).ok()?;
+    }
+    Some((buf, start))
 }
 
 /// `record` in wire form after the question `name`/`qtype` (None when it
 /// cannot be encoded, and so could not be in any answer either; names are
 /// checked for length before records are made of them).
 fn chunk(name: &Name, qtype: RecordType, record: &Record) -> Option<Chunk> {
-    // One encoder for both: it compresses the record's names against the
-    // question's.
-    let mut buf = Vec::with_capacity(96);
-    let mut encoder = BinEncoder::new(&mut buf);
-    encoder.emit_vec(&[0; 12]).ok()?;
-    Query::query(name.clone(), qtype).emit(&mut encoder).ok()?;
-    let start = encoder.offset();
-    record.emit(&mut encoder).ok()?;
+    let (buf, start) = after_question(name, qtype, Some(record))?;
     Some(Arc::from(&buf[start..]))
 }
 
 /// The record in `chunk`, read back after the question `name`/`qtype` it
 /// was encoded after (its case as the zone spells the name).
 fn unchunk(name: &Name, qtype: RecordType, chunk: &[u8]) -> Option<Record> {
-    let mut buf = question(name, qtype)?;
-    let start = u16::try_from(buf.len()).ok()?;
+    let (mut buf, start) = after_question(name, qtype, None)?;
     buf.extend_from_slice(chunk);
-    Record::read(&mut BinDecoder::new(&buf).clone(start)).ok()
+    Record::read(&mut BinDecoder::new(&buf).clone(u16::try_from(start).ok()?)).ok()
 }
 
 /// A name as the zone keys it: its wire form (length-prefixed labels and
@@ -305,11 +308,35 @@ fn name_under(labels: &[&str], domain: &Name) -> Option<Name> {
     Name::from_ascii(&text).ok()?.append_domain(domain).ok()
 }
 
+/// `<host>.<role>.<dc>` under the domain (None when it is not a DNS name).
+fn host_name(id: &HostId, domain: &Name) -> Option<Name> {
+    name_under(&[&id.host, &id.role, &id.dc], domain)
+}
+
+/// `_<service>._tcp` under a role's name (None when it is not a DNS name).
+fn service_name(service: &str, role_name: &Name) -> Option<Name> {
+    name_under(&[&format!("_{service}"), "_tcp"], role_name)
+}
+
 fn address(owner: &Name, ip: IpAddr, ttl: u32) -> Record {
     match ip {
         IpAddr::V4(v4) => Record::from_rdata(owner.clone(), ttl, RData::A(A(v4))),
         IpAddr::V6(v6) => Record::from_rdata(owner.clone(), ttl, RData::AAAA(AAAA(v6))),
     }
+}
+
+/// A (or AAAA, for an IPv6 address).
+fn address_type(ip: IpAddr) -> RecordType {
+    if ip.is_ipv6() {
+        RecordType::AAAA
+    } else {
+        RecordType::A
+    }
+}
+
+/// `owner`'s address record as a chunk after the question for it.
+fn address_chunk(owner: &Name, ip: IpAddr, ttl: u32) -> Option<Chunk> {
+    chunk(owner, address_type(ip), &address(owner, ip, ttl))
 }
 
 impl Zone {
@@ -346,9 +373,8 @@ impl Zone {
         if zone.domain.zone_of(&LowerName::from(&ns_name)) && !zone.settings.ns_addrs.is_empty() {
             let mut records = Records::default();
             for ip in zone.settings.ns_addrs.clone() {
-                let record = address(&ns_name, ip, zone.settings.ttl);
-                let qtype = record.record_type();
-                records.push_address(qtype, chunk(&ns_name, qtype, &record).as_ref());
+                let wire = address_chunk(&ns_name, ip, zone.settings.ttl);
+                records.push_address(address_type(ip), wire.as_ref());
             }
             zone.put(name_key(&ns_name), Owner::Apex, records);
         }
@@ -476,7 +502,7 @@ impl Zone {
         if id.host.split('.').any(|l| l.starts_with('_')) {
             return Err("a label of its name starts with `_`, which marks service names such as `_http._tcp`".into());
         }
-        let Some(name) = name_under(&[&id.host, &id.role, &id.dc], &self.settings.domain) else {
+        let Some(name) = host_name(id, &self.settings.domain) else {
             return Err(
                 "its name is not a DNS name (a label over 63 bytes or a name over 255)".into(),
             );
@@ -508,7 +534,7 @@ impl Zone {
     fn refresh_host(&mut self, registry: &dyn Hosts, id: &HostId) {
         if let Some(old) = self.hosts.remove(id)
             && old.named
-            && let Some(name) = name_under(&[&id.host, &id.role, &id.dc], &self.settings.domain)
+            && let Some(name) = host_name(id, &self.settings.domain)
         {
             self.take(&name_key(&name), &Owner::Host(old.owner));
         }
@@ -530,11 +556,7 @@ impl Zone {
             );
             return;
         };
-        let qtype = if ip.is_ipv6() {
-            RecordType::AAAA
-        } else {
-            RecordType::A
-        };
+        let qtype = address_type(ip);
         let own = match self.served_spelling(&(id.dc.clone(), id.role.clone())) {
             // Its role is not served: said once for the role, not per host.
             Some(other) => {
@@ -562,7 +584,7 @@ impl Zone {
                 host.services
                     .iter()
                     .filter_map(|(service, port)| {
-                        let name = name_under(&[&format!("_{service}"), "_tcp"], &role_name)?;
+                        let name = service_name(service, &role_name)?;
                         let rdata = RData::SRV(SRV::new(10, 10, *port, host_name.clone()));
                         let record = Record::from_rdata(name.clone(), ttl, rdata);
                         Some(ServiceRecords {
@@ -581,16 +603,13 @@ impl Zone {
             named: own.is_some(),
             owner: self.next_owner,
             qtype,
-            role_addr: chunk(&role_name, qtype, &address(&role_name, ip, ttl)),
+            role_addr: address_chunk(&role_name, ip, ttl),
             usable: self.usable(host),
             srv,
         };
         if let Some(name) = own {
             let mut records = Records::default();
-            records.push_address(
-                qtype,
-                chunk(&name, qtype, &address(&name, ip, ttl)).as_ref(),
-            );
+            records.push_address(qtype, address_chunk(&name, ip, ttl).as_ref());
             self.put(name_key(&name), Owner::Host(entry.owner), records);
         }
         self.hosts.insert(id.clone(), Arc::new(entry));
@@ -676,7 +695,7 @@ impl Zone {
         let mut srv_nodes = Vec::new();
         for (service, usable) in &services {
             // Made for every host that published it, so it is a name.
-            let Some(name) = name_under(&[&format!("_{service}"), "_tcp"], &role_name) else {
+            let Some(name) = service_name(service, &role_name) else {
                 continue;
             };
             let mut records = Records {

@@ -13,15 +13,7 @@ use crate::{read_prefix, registered};
 const DIR: &str = "/infrastructure/dc1/web/h1/";
 
 fn tls_args(cluster: &Cluster) -> Vec<String> {
-    let pki = cluster.pki.as_ref().expect("a TLS cluster");
-    vec![
-        "--cacert".into(),
-        pki.ca.to_string_lossy().into_owned(),
-        "--cert".into(),
-        pki.client_cert.to_string_lossy().into_owned(),
-        "--key".into(),
-        pki.client_key.to_string_lossy().into_owned(),
-    ]
+    cluster.pki.as_ref().expect("a TLS cluster").client_args()
 }
 
 #[tokio::test]

@@ -62,6 +62,19 @@ pub struct Pki {
 }
 
 impl Pki {
+    /// registrar's flags for a client of this PKI: `--cacert`, `--cert`,
+    /// `--key`.
+    pub fn client_args(&self) -> Vec<String> {
+        [
+            ("--cacert", &self.ca),
+            ("--cert", &self.client_cert),
+            ("--key", &self.client_key),
+        ]
+        .into_iter()
+        .flat_map(|(flag, path)| [flag.to_string(), path.to_string_lossy().into_owned()])
+        .collect()
+    }
+
     pub fn generate(dir: &std::path::Path) -> Pki {
         use rcgen::{
             BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
